@@ -1,0 +1,1 @@
+"""ldmcore's Hydra config groups (installed as the package ldmcore.conf)."""

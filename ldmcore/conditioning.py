@@ -1,0 +1,157 @@
+"""The conditioner: runs each selected plugin's encoder tau_theta and routes its output by the
+injection the plugin *declared* (never by a tensor's number of dimensions).
+
+Routing (DESIGN.md, "Several conditions at once"):
+    concat    B x C_i x h x w   stacked along channels       -> the denoiser's extra input channels
+    crossattn B x L_i x D_i     concatenated along sequence  -> the cross-attention context
+    vector    B x D_i           concatenated                 -> added to the timestep embedding
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+INJECTIONS = ("concat", "crossattn", "vector")
+Conditioning = dict[str, torch.Tensor]  # keys among INJECTIONS, batch first
+
+
+class ConditionEncoder(nn.Module):
+    """Base class of a plugin's tau_theta.
+
+    Subclasses set ``outputs``: for each injection they feed, the per-sample shape they produce —
+    ``{"crossattn": (L, D)}``, ``{"vector": (D,)}`` or ``{"concat": (C,)}`` (a concat output has
+    the latent's spatial size) — and implement ``forward(batch) -> {injection: tensor}``.
+    The default null condition is zeros; override ``null`` for a learned one.
+    """
+
+    outputs: dict[str, tuple[int, ...]] = {}
+
+    def forward(self, batch: Mapping) -> Conditioning:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def null(self, batch_size: int, latent_size: tuple[int, int], device: torch.device) -> Conditioning:
+        """The condition meaning "absent", used for condition dropout and guidance."""
+        out = {}
+        for injection, shape in self.outputs.items():
+            full = (batch_size, *shape, *latent_size) if injection == "concat" else (batch_size, *shape)
+            out[injection] = torch.zeros(full, device=device)
+        return out
+
+
+def check_outputs(name: str, encoder: ConditionEncoder) -> None:
+    if not encoder.outputs:
+        raise ValueError(f"condition {name!r}: its encoder declares no outputs (set .outputs, e.g. {{'crossattn': (L, D)}})")
+    for injection, shape in encoder.outputs.items():
+        if injection not in INJECTIONS:
+            raise ValueError(f"condition {name!r} declares the injection {injection!r}; allowed: {', '.join(INJECTIONS)}")
+        expected_rank = {"concat": 1, "crossattn": 2, "vector": 1}[injection]
+        if len(shape) != expected_rank:
+            raise ValueError(f"condition {name!r}: a {injection} output's shape must have {expected_rank} entries, got {shape}")
+
+
+class Conditioner(nn.Module):
+    """Holds the selected plugins' encoders; applies condition dropout; builds null conditions.
+
+    The derived sizes the denoiser is built from:
+        concat_channels  extra input channels of the UNet
+        context_dim      cross-attention context width (None: no cross-attention)
+        vector_dim       width of the vector added to the timestep embedding (None: none)
+    """
+
+    def __init__(self, encoders: Mapping[str, ConditionEncoder], dropout: Mapping[str, float]):
+        super().__init__()
+        for name, encoder in encoders.items():
+            check_outputs(name, encoder)
+            if not 0.0 <= dropout[name] <= 1.0:
+                raise ValueError(f"condition.{name}.dropout must lie in [0, 1], got {dropout[name]}")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.dropout = dict(dropout)
+
+        self.concat_channels = sum(e.outputs["concat"][0] for e in encoders.values() if "concat" in e.outputs)
+        token_dims = {n: e.outputs["crossattn"][1] for n, e in encoders.items() if "crossattn" in e.outputs}
+        self.context_dim = max(token_dims.values()) if token_dims else None
+        vector_dims = [e.outputs["vector"][0] for e in encoders.values() if "vector" in e.outputs]
+        self.vector_dim = sum(vector_dims) if vector_dims else None
+
+        # Several token sequences share one context: narrower ones are projected to the widest,
+        # and each plugin's tokens get a learned type embedding so attention can tell them apart.
+        self.token_projections = nn.ModuleDict(
+            {n: nn.Linear(d, self.context_dim) for n, d in token_dims.items() if d != self.context_dim}
+        )
+        self.token_types = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(self.context_dim)) for n in token_dims} if len(token_dims) > 1 else {}
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.encoders)
+
+    def forward(
+        self,
+        batch: Mapping,
+        batch_size: int,
+        latent_size: tuple[int, int],
+        present: Iterable[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Conditioning:
+        """Encode ``batch`` into routed conditioning.
+
+        present: the conditions given (default all); the others take their null condition.
+        In training mode each present condition is replaced by its null with its own dropout
+        probability, per sample (drawn from ``generator``).
+        """
+        present = set(self.names if present is None else present)
+        unknown = present - set(self.names)
+        if unknown:
+            raise KeyError(f"conditions {sorted(unknown)} are not part of this model; it has {self.names}")
+        device = next(self.parameters(), torch.empty(0)).device
+        outputs: dict[str, Conditioning] = {}
+        for name, encoder in self.encoders.items():
+            null = encoder.null(batch_size, latent_size, device)
+            if name not in present:
+                outputs[name] = null
+                continue
+            encoded = encoder(batch)
+            p = self.dropout[name]
+            if self.training and p > 0:
+                keep = torch.rand(batch_size, generator=generator, device=device) >= p  # (B,)
+                encoded = {k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, null[k]) for k, v in encoded.items()}
+            outputs[name] = encoded
+        return self.route(outputs)
+
+    def null(self, batch_size: int, latent_size: tuple[int, int]) -> Conditioning:
+        return self.forward({}, batch_size, latent_size, present=())
+
+    def route(self, outputs: Mapping[str, Conditioning]) -> Conditioning:
+        concat, tokens, vectors = [], [], []
+        for name, out in outputs.items():
+            if "concat" in out:
+                concat.append(out["concat"])
+            if "crossattn" in out:
+                t = out["crossattn"]
+                if name in self.token_projections:
+                    t = self.token_projections[name](t)
+                if name in self.token_types:
+                    t = t + self.token_types[name]
+                tokens.append(t)
+            if "vector" in out:
+                vectors.append(out["vector"])
+        routed: Conditioning = {}
+        if concat:
+            routed["concat"] = torch.cat(concat, dim=1)  # (B, sum C_i, h, w)
+        if tokens:
+            routed["crossattn"] = torch.cat(tokens, dim=1)  # (B, sum L_i, D)
+        if vectors:
+            routed["vector"] = torch.cat(vectors, dim=1)  # (B, sum D_i)
+        return routed
+
+
+def apply_denoiser_net(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+    """Run the UNet on a noisy latent with routed conditioning (concat channels join the input)."""
+    cond = cond or {}
+    if "concat" in cond:
+        z = torch.cat([z, cond["concat"]], dim=1)
+    return unet(z, t, context=cond.get("crossattn"), y=cond.get("vector"))

@@ -1,0 +1,139 @@
+"""Schemas of the run config: a wrong type or an unknown option fails before any work starts,
+naming the option and what is allowed.
+
+Model sections (``autoencoder.model``, ``denoiser``, ``data``) are ``_target_`` configs checked
+by their constructors; the sections below are plain options checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the option."""
+
+
+def choice(*allowed: str, default: str):
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass
+class FirstStageTrainConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    kl_weight: float = 1e-4
+    edge_strength: float = 4.0
+    latent_noise: float = 0.0
+    discriminator_weight: float = 0.0
+    discriminator_start: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class FirstStageGateConfig:
+    images: int = 512
+    min_psnr: float = 22.0
+    min_readback: float = 0.9
+
+
+@dataclass
+class AutoencoderConfig:
+    model: Any = None
+    train: FirstStageTrainConfig = field(default_factory=FirstStageTrainConfig)
+    gate: FirstStageGateConfig = field(default_factory=FirstStageGateConfig)
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class NoiseConfig:
+    schedule: str = choice("linear", "scaled_linear", "cosine", default="cosine")
+    timesteps: int = 1000
+    prediction: str = choice("eps", "v", "x0", default="eps")
+    loss_weighting: str = choice("none", "min_snr", default="min_snr")
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class SamplerConfig:
+    name: str = choice("ddpm", "ddim", "plms", "dpmpp_2m", default="ddim")
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = choice("leading", "trailing", "linspace", default="leading")
+    guidance_scale: float = 3.0
+    batch_size: int = 90
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    lr_schedule: str = choice("cosine", "constant", default="cosine")
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    grid_columns: int = 10
+    grid_rows: int = 18
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    task: str = choice("train", "sample", "eval", default="train")
+    seed: int = 0
+    checkpoint: Optional[str] = None
+    conditions: Optional[str] = None
+    cache_dir: str = ".cache/ldmcore"
+    num_threads: int = 0
+    data: Any = None
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    denoiser: Any = None
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    condition: Any = field(default_factory=dict)
+
+
+def _check_choices(schema_type, node: DictConfig, path: str) -> None:
+    for f in fields(schema_type):
+        value = node[f.name]
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{path}{f.name}={value!r} is not allowed; choose one of: {', '.join(f.metadata['choices'])}")
+        if (schema_type, f.name) in _SUBSCHEMAS:
+            _check_choices(_SUBSCHEMAS[schema_type, f.name], value, f"{path}{f.name}.")
+
+
+_SUBSCHEMAS = {
+    (RunConfig, "autoencoder"): AutoencoderConfig,
+    (RunConfig, "noise"): NoiseConfig,
+    (RunConfig, "sampler"): SamplerConfig,
+    (RunConfig, "trainer"): TrainerConfig,
+    (AutoencoderConfig, "train"): FirstStageTrainConfig,
+    (AutoencoderConfig, "gate"): FirstStageGateConfig,
+}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check ``cfg`` against the schemas; return it typed (ints are ints, floats floats)."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {error.msg if hasattr(error, 'msg') else error}") from None
+    _check_choices(RunConfig, typed, "")
+    for name, options in (typed.condition or {}).items():
+        if "dropout" not in options:
+            raise ConfigError(f"condition.{name} has no 'dropout' option (every condition config sets one)")
+    return typed

@@ -1,0 +1,90 @@
+"""The contract between the core and a condition plugin.
+
+A condition plugin is a module (or object) registered under the ``ldmcore.plugins`` entry-point
+group. It implements some of the hooks below with ``@hookimpl``. Every hook is called for one
+plugin at a time (see :class:`ldmcore.pluginmanager.Condition`), so an implementation never has
+to check whether a call is meant for it. As in pluggy generally, an implementation may accept
+fewer arguments than its specification names: specifications can grow without breaking plugins.
+
+Words used below:
+    options   the plugin's own Hydra config (``cfg.condition.<name>``), a DictConfig.
+    data      the :class:`ldmcore.data.DataInfo` of the run's data source (resolution,
+              class names, an optional exact reader of images).
+    batch     a plain dict of batch keys (``image``, ``class_label``, ``caption`` ...).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "ldmcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- identity and configuration -------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_condition_name() -> str:
+    """Required. The condition's name: ``+condition=NAME`` selects it and conditions files key
+    user values by it. Lower case, unique among installed plugins."""
+
+
+@hookspec(firstresult=True)
+def ldmcore_config_dir() -> str:
+    """Required. A folder that holds ``condition/NAME.yaml``, the plugin's Hydra config. The file
+    starts with ``# @package condition.NAME`` and sets at least ``dropout`` (the probability
+    that training replaces the condition by its null condition)."""
+
+
+@hookspec(firstresult=True)
+def ldmcore_batch_keys(options) -> list[str]:
+    """Required. The batch keys the plugin reads. The run checks them against the keys the data
+    source provides before any training step."""
+
+
+# --- the encoder tau_theta ---------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_build_encoder(options, data):
+    """Required. Build the condition encoder tau_theta: an :class:`ldmcore.conditioning.ConditionEncoder`.
+
+    The encoder declares its injection(s) in ``encoder.outputs`` (a dict from ``"concat"``,
+    ``"crossattn"`` or ``"vector"`` to the per-sample shape it produces), maps a batch to a dict
+    with those keys, and gives its null condition (learned or zero) for guidance and dropout.
+    """
+
+
+# --- user-facing values (conditions files, manifests) -----------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_parse_value(value, options, data) -> dict:
+    """Required. Read one user-given value (a JSON value from a conditions file, e.g. a class name)
+    into the batch keys of ONE sample (tensors without a batch dimension, or python values).
+    A value the plugin cannot read raises ``ValueError`` whose message says what is allowed."""
+
+
+@hookspec(firstresult=True)
+def ldmcore_format_value(batch, index, options, data):
+    """Required. The inverse of ``ldmcore_parse_value``: the JSON value describing sample ``index``
+    of ``batch``, as a conditions file would give it."""
+
+
+# --- evaluation and display (optional) ---------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_grid_conditions(rows: int, columns: int, options, data):
+    """Optional. The conditions of a sample grid: ``(batch, row_labels)`` where ``batch`` holds
+    ``rows * columns`` samples in row-major order and ``row_labels`` names each row (e.g. one row
+    per class). Without it, grids show conditions drawn from the data source."""
+
+
+@hookspec(firstresult=True)
+def ldmcore_score(images, batch, options, data) -> dict:
+    """Optional. Faithfulness of generated ``images`` (B x 3 x H x W in [-1, 1]) to the
+    conditions in ``batch``: a dict of named floats (e.g. ``{"class_accuracy": 0.97}``). Use
+    ``data.reader`` where the data source offers an exact reader of images."""

@@ -1,0 +1,234 @@
+"""The run's tasks: ``train`` (stage 1, stage 2, grid and scores), ``sample`` (from a conditions
+file) and ``eval`` (score a checkpoint). Each writes into ``run_dir``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldmcore.config import ConfigError, validate
+from ldmcore.data.base import data_info
+from ldmcore.sampling import generate
+from ldmcore.system import build, build_system, set_threads
+from ldmcore.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
+from ldmcore.training.first_stage import obtain_first_stage
+from ldmcore.training.loop import LatentPool, train_denoiser
+from ldmcore.visualize import save_grid, save_image
+
+log = logging.getLogger(__name__)
+MODEL_SECTIONS = ("data", "autoencoder", "denoiser", "noise", "condition")
+
+
+# --- evaluation shared by train and eval -------------------------------------------------------
+
+
+def grid_batch(system, dataset, cfg: DictConfig) -> tuple[dict, int, list[str] | None]:
+    """The conditions of the evaluation grid: rows from the first plugin that lays out a grid
+    (e.g. one row per class), the remaining batch keys drawn from the data source."""
+    columns, rows, labels, planned = cfg.trainer.grid_columns, cfg.trainer.grid_rows, None, {}
+    for name, condition in system.conditions.items():
+        if condition.implements("ldmcore_grid_conditions"):
+            planned, labels = condition.call("ldmcore_grid_conditions", rows=rows, columns=columns,
+                                              options=cfg.condition[name], data=system.data)
+            rows = len(labels)
+            break
+    n = rows * columns
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    drawn = dataset.batch(torch.randint(len(dataset), (n,), generator=generator).tolist())
+    return {**drawn, **planned}, n, labels
+
+
+def score(system, images: torch.Tensor, batch: dict) -> dict:
+    scores = {}
+    reader = system.data.reader
+    if reader is not None:
+        objects = reader.read_batch(images)
+        scores["readable"] = sum(reader.readable(o) for o in objects) / len(objects)
+    for name, condition in system.conditions.items():
+        if condition.implements("ldmcore_score"):
+            scores.update(condition.call("ldmcore_score", images=images, batch=batch,
+                                         options=system.condition_options[name], data=system.data))
+    return scores
+
+
+def evaluate(system, model, dataset, cfg: DictConfig, run_dir: Path, grid_name: str = "samples.png") -> dict:
+    start = time.perf_counter()
+    batch, n, labels = grid_batch(system, dataset, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    images = generate(system, model.eval(), batch, n, cfg.sampler, generator)
+    save_grid(images, Path(run_dir) / grid_name, cfg.trainer.grid_columns, labels)
+    scores = score(system, images, batch)
+    scores.update(samples=n, sampler=cfg.sampler.name, sampler_steps=cfg.sampler.steps,
+                  guidance_scale=cfg.sampler.guidance_scale, eval_seconds=time.perf_counter() - start)
+    return scores
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+# --- train -------------------------------------------------------------------------------------
+
+
+def check_same_model(saved: DictConfig, cfg: DictConfig, source) -> None:
+    """Resuming or sampling needs the checkpoint's model config; list what differs."""
+    diffs = []
+    for section in MODEL_SECTIONS:
+        a = OmegaConf.to_container(saved.get(section) or {}, resolve=True)
+        b = OmegaConf.to_container(cfg.get(section) or {}, resolve=True)
+        if a != b:
+            diffs.append(f"{section}: checkpoint {a} vs config {b}")
+    if diffs:
+        raise CheckpointError(f"{source} was trained with another configuration: " + " | ".join(diffs))
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = validate(cfg)
+    set_threads(cfg)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    dataset = build("data", cfg.data)
+    system = build_system(cfg, dataset)  # checks plugins and batch keys before any work
+    resume = None
+    if cfg.checkpoint and cfg.trainer.resume:
+        tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
+        if saved_cfg is not None:
+            check_same_model(saved_cfg, cfg, folder)
+        load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
+        system.first_stage.eval().requires_grad_(False)
+        resume = {"tensors": tensors, "state": state}
+        first_stage_record = {"source": str(folder), "resumed": True}
+    else:
+        system.first_stage, first_stage_record = obtain_first_stage(cfg, dataset, system.data.reader, run_dir)
+    first_stage_seconds = time.perf_counter() - start
+
+    pool = LatentPool.encode(system.first_stage, dataset, seed=cfg.seed)
+    if resume is not None:
+        pool.scale_factor = resume["state"]["scale_factor"]
+    system.first_stage.scale_factor.fill_(pool.scale_factor)
+    result = train_denoiser(system, dataset, pool, cfg, run_dir, resume,
+                            on_sample=lambda step, ema: evaluate(system, ema, dataset, cfg, run_dir, f"samples/step_{step:07d}.png"))
+    metrics = evaluate(system, result["ema"], dataset, cfg, run_dir)
+    metrics.update(
+        first_stage=first_stage_record.get("metrics"),
+        first_stage_seconds=first_stage_seconds,
+        denoiser_seconds=result["train_seconds"],
+        total_seconds=time.perf_counter() - start,
+        checkpoint=str(result["checkpoint"]),
+        conditions=list(system.conditions),
+        seed=cfg.seed,
+    )
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("metrics: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+# --- loading a trained model -------------------------------------------------------------------
+
+
+def load_trained(cfg: DictConfig):
+    """The checkpoint's system (its own resolved config) with EMA weights; sampler and seed
+    come from the current config."""
+    if not cfg.checkpoint:
+        raise ConfigError(f"task={cfg.task} needs checkpoint=PATH (a run folder or a checkpoint folder)")
+    tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
+    if saved_cfg is None:
+        raise CheckpointError(f"{folder} carries no config.yaml; it cannot be rebuilt")
+    merged = validate(OmegaConf.merge(saved_cfg, {"sampler": cfg.sampler, "seed": cfg.seed, "task": cfg.task,
+                                                   "trainer": {"grid_columns": cfg.trainer.grid_columns,
+                                                               "grid_rows": cfg.trainer.grid_rows}}))
+    dataset = build("data", merged.data)
+    system = build_system(merged, dataset)
+    load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
+    load_module_state(system.model, tensors, "ema", source=str(folder))
+    system.first_stage.eval()
+    system.model.eval()
+    return system, dataset, merged
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = validate(cfg)
+    set_threads(cfg)
+    system, dataset, merged = load_trained(cfg)
+    metrics = evaluate(system, system.model, dataset, merged, run_dir)
+    metrics["checkpoint"] = str(cfg.checkpoint)
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+# --- sample from a conditions file -------------------------------------------------------------
+
+
+def read_conditions(path: Path, system) -> list[tuple[dict, dict]]:
+    """Each line: ``{condition: user value}``. Returns (line, parsed batch keys) per line; any
+    bad line stops the run before sampling, naming the file, line and condition."""
+    if not path.is_file():
+        raise ConfigError(f"conditions file {path} does not exist")
+    entries = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(line, dict):
+            raise ConfigError(f"{where}: each line must be a JSON object of {{condition: value}}")
+        unknown = set(line) - set(system.conditions)
+        if unknown:
+            raise ConfigError(f"{where}: unknown condition(s) {sorted(unknown)}; this model has {sorted(system.conditions) or 'none'}")
+        parsed = {}
+        for name, value in line.items():
+            try:
+                parsed.update(system.conditions[name].call("ldmcore_parse_value", value=value,
+                                                          options=system.condition_options[name], data=system.data))
+            except ValueError as error:
+                raise ConfigError(f"{where}: condition {name!r}: {error}") from None
+        entries.append((line, parsed))
+    return entries
+
+
+def collate(samples: list[dict]) -> dict:
+    keys = samples[0].keys()
+    out = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        same_shape = all(torch.is_tensor(v) for v in values) and len({tuple(v.shape) for v in values}) == 1
+        out[key] = torch.stack(values) if same_shape else values
+    return out
+
+
+def sample(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = validate(cfg)
+    set_threads(cfg)
+    if not cfg.conditions:
+        raise ConfigError("task=sample needs conditions=FILE (JSON lines, one {condition: value} object per image)")
+    system, _, merged = load_trained(cfg)
+    entries = read_conditions(Path(cfg.conditions).expanduser(), system)
+    run_dir = Path(run_dir)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    groups: dict[tuple, list[int]] = {}
+    for i, (line, _) in enumerate(entries):  # lines giving the same conditions are sampled together
+        groups.setdefault(tuple(sorted(line)), []).append(i)
+    files = [None] * len(entries)
+    for present, indices in groups.items():
+        batch = collate([entries[i][1] for i in indices]) if present else {}
+        images = generate(system, system.model, batch, len(indices), merged.sampler, generator, present=present)
+        for i, image in zip(indices, images):
+            files[i] = f"{i:06d}.png"
+            save_image(image, run_dir / files[i])
+    with open(run_dir / "manifest.jsonl", "w") as manifest:
+        for (line, _), file in zip(entries, files):
+            manifest.write(json.dumps({**line, "file": file}) + "\n")
+    return {"images": len(entries)}
+
+
+TASKS = {"train": train, "sample": sample, "eval": evaluate_checkpoint}

@@ -1,0 +1,27 @@
+"""Shared fixtures: composing the real configs, tiny runs in temporary folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def compose_config(overrides: list[str] | None = None):
+    """Compose the run config exactly as ``python -m ldmcore.run`` would (search-path plugin included)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("ldmcore.conf", version_base=None):
+        return compose("config", overrides=overrides or [])
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides of a tiny run that keeps everything (cache included) inside tmp_path."""
+    return ["+experiment=tiny", f"cache_dir={tmp_path / 'cache'}"]

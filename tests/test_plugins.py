@@ -1,0 +1,133 @@
+"""The plugin contract, run over every installed condition plugin, and the plugin manager's rules."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldmcore.conditioning import INJECTIONS, ConditionEncoder
+from ldmcore.data.base import data_info
+from ldmcore.data.shapes import ShapesWorld
+from ldmcore.hookspecs import hookimpl
+from ldmcore.pluginmanager import PluginError, PluginRegistry, installed
+
+CONDITIONS = installed().names()
+LATENT = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(resolution=32, kind="single", size=64, seed=3)
+
+
+def options_of(condition):
+    path = Path(condition.call("ldmcore_config_dir")) / "condition" / f"{condition.name}.yaml"
+    return path, OmegaConf.load(path)
+
+
+def test_builtin_plugins_arrive_through_the_entry_point_group():
+    assert "class" in CONDITIONS
+    assert all("entry point" in installed().get(n).source for n in CONDITIONS)
+
+
+@pytest.mark.parametrize("name", CONDITIONS)
+def test_contract(name, world):
+    condition = installed().get(name)
+    info = data_info(world)
+    # its own Hydra config, under the package condition.NAME, with a dropout
+    path, options = options_of(condition)
+    assert path.read_text().splitlines()[0].strip() == f"# @package condition.{name}"
+    assert 0.0 <= options.dropout <= 1.0
+    # batch keys it reads are among the shapes world's
+    keys = condition.call("ldmcore_batch_keys", options=options)
+    assert keys and set(keys) <= set(info.provides)
+    # the encoder declares its injections and produces exactly those shapes, for data and for null
+    encoder = condition.call("ldmcore_build_encoder", options=options, data=info)
+    assert isinstance(encoder, ConditionEncoder) and set(encoder.outputs) <= set(INJECTIONS)
+    batch = world.batch(list(range(6)))
+    out, null = encoder(batch), encoder.null(6, LATENT, torch.device("cpu"))
+    for injection, shape in encoder.outputs.items():
+        expected = (6, *shape, *LATENT) if injection == "concat" else (6, *shape)
+        assert tuple(out[injection].shape) == expected
+        assert tuple(null[injection].shape) == expected
+        assert not torch.allclose(out[injection], null[injection])
+    # user values: format(batch) -> parse -> the same batch keys, and JSON-serializable
+    for i in range(6):
+        value = condition.call("ldmcore_format_value", batch=batch, index=i, options=options, data=info)
+        json.dumps(value)
+        parsed = condition.call("ldmcore_parse_value", value=value, options=options, data=info)
+        for key, v in parsed.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(batch[key][i]))
+    # scoring ground-truth images of their own conditions is perfect
+    if condition.implements("ldmcore_score"):
+        scores = condition.call("ldmcore_score", images=batch["image"], batch=batch, options=options, data=info)
+        assert scores and all(0.0 <= v <= 1.0 for v in scores.values())
+        assert max(scores.values()) == 1.0
+
+
+@pytest.mark.parametrize("name", CONDITIONS)
+def test_unreadable_user_value_is_refused_with_what_is_allowed(name, world):
+    condition = installed().get(name)
+    _, options = options_of(condition)
+    with pytest.raises(ValueError):
+        condition.call("ldmcore_parse_value", value={"certainly": ["not", "valid"]}, options=options, data=data_info(world))
+
+
+def test_class_plugin_names_the_known_classes(world):
+    condition = installed().get("class")
+    _, options = options_of(condition)
+    with pytest.raises(ValueError) as info:
+        condition.call("ldmcore_parse_value", value="purple hexagon", options=options, data=data_info(world))
+    assert "purple hexagon" in str(info.value) and "red circle" in str(info.value)
+
+
+def _minimal_plugin(name="probe", **extra):
+    module = types.SimpleNamespace()
+    hooks = {
+        "ldmcore_condition_name": lambda: name,
+        "ldmcore_config_dir": lambda: "/nonexistent",
+        "ldmcore_batch_keys": lambda: ["image"],
+        "ldmcore_build_encoder": lambda options, data: None,
+        "ldmcore_parse_value": lambda value: {},
+        "ldmcore_format_value": lambda batch, index: None,
+        **extra,
+    }
+    for hook_name, fn in hooks.items():
+        fn.__name__ = hook_name
+        setattr(module, hook_name, hookimpl(fn))
+    return module
+
+
+def test_manager_rejects_an_unknown_hook():
+    registry = PluginRegistry(load_entry_points=False)
+    with pytest.raises(PluginError, match="ldmcore_no_such_hook"):
+        registry.register(_minimal_plugin(ldmcore_no_such_hook=lambda: 1))
+    assert registry.names() == []
+
+
+def test_manager_rejects_missing_required_hooks_and_duplicates():
+    registry = PluginRegistry(load_entry_points=False)
+    incomplete = _minimal_plugin()
+    del incomplete.ldmcore_build_encoder
+    with pytest.raises(PluginError, match="ldmcore_build_encoder"):
+        registry.register(incomplete)
+    registry.register(_minimal_plugin())
+    with pytest.raises(PluginError, match="two plugins"):
+        registry.register(_minimal_plugin())
+
+
+def test_hooks_are_called_for_one_plugin_only():
+    registry = PluginRegistry(load_entry_points=False)
+    a, b = registry.register(_minimal_plugin("a")), registry.register(_minimal_plugin("b"))
+    assert (a.name, b.name) == ("a", "b")
+    assert a.call("ldmcore_condition_name") == "a" and b.call("ldmcore_condition_name") == "b"
+
+
+def test_unknown_condition_lists_installed_ones():
+    with pytest.raises(KeyError, match="class"):
+        installed().get("telepathy")
