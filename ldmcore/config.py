@@ -131,7 +131,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
-        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {error.msg if hasattr(error, 'msg') else error}") from None
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {str(error).splitlines()[0]}") from None
     _check_choices(RunConfig, typed, "")
     for name, options in (typed.condition or {}).items():
         if "dropout" not in options:

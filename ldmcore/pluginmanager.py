@@ -76,7 +76,10 @@ class PluginRegistry:
 
     def register(self, plugin: object, source: str | None = None) -> Condition:
         source = source or repr(plugin)
-        self.manager.register(plugin)
+        try:
+            self.manager.register(plugin)
+        except ValueError as error:  # the same plugin object or name registered twice
+            raise PluginError(f"cannot register condition plugin {source}: {error}") from error
         try:
             # Implementations of hooks that do not exist are typos or version skew: refuse them.
             self.manager.check_pending()

@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ldmcore import hydra_search
 from ldmcore.config import ConfigError, validate
 from ldmcore.pluginmanager import PluginError
 from ldmcore.tasks import TASKS
@@ -21,6 +22,7 @@ from ldmcore.training.first_stage import FirstStageRejected
 
 log = logging.getLogger("ldmcore")
 USER_ERRORS = (ConfigError, CheckpointError, FirstStageRejected, PluginError)
+hydra_search.register()
 
 
 @hydra.main(version_base=None, config_path="pkg://ldmcore.conf", config_name="config")

@@ -7,6 +7,10 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+from ldmcore import hydra_search
+
+hydra_search.register()
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():

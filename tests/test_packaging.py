@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,8 +21,11 @@ def test_every_package_folder_is_listed():
             assert package in listed, f"{package} is missing from [tool.setuptools].packages"
 
 
-def test_no_generic_import_name_is_installed():
-    assert importlib.util.find_spec("plugins") is None
+def test_no_generic_import_name_is_installed(tmp_path):
+    # From outside the repository (python -m adds the current folder to sys.path).
+    probe = "import importlib.util as u; print(u.find_spec('plugins') is None, u.find_spec('ldmcore_plugins') is not None)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
     top_level = {p.split(".")[0] for p in PYPROJECT["tool"]["setuptools"]["packages"]}
     assert top_level == {"ldmcore", "ldmcore_plugins", "hydra_plugins"}
 

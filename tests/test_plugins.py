@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 from pathlib import Path
@@ -86,8 +87,11 @@ def test_class_plugin_names_the_known_classes(world):
     assert "purple hexagon" in str(info.value) and "red circle" in str(info.value)
 
 
+_made = itertools.count()
+
+
 def _minimal_plugin(name="probe", **extra):
-    module = types.SimpleNamespace()
+    module = types.ModuleType(f"probe_plugin_{next(_made)}")
     hooks = {
         "ldmcore_condition_name": lambda: name,
         "ldmcore_config_dir": lambda: "/nonexistent",

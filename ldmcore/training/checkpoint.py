@@ -119,7 +119,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Di
 def _group(keys) -> str:
     groups = defaultdict(list)
     for key in sorted(keys):
-        groups[".".join(key.split(".")[:2])].append(key)
+        groups[".".join(key.split(".")[:3])].append(key)
     return "; ".join(f"{prefix}.* ({len(ks)}: {', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})" for prefix, ks in groups.items())
 
 
@@ -134,11 +134,11 @@ def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
     if missing or unexpected or misshaped:
         parts = []
         if missing:
-            parts.append(f"missing: {_group(missing)}")
+            parts.append(f"missing: {_group(f'{prefix}.{k}' for k in missing)}")
         if unexpected:
-            parts.append(f"unexpected: {_group(unexpected)}")
+            parts.append(f"unexpected: {_group(f'{prefix}.{k}' for k in unexpected)}")
         if misshaped:
-            parts.append("mis-shaped: " + ", ".join(f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(misshaped)[:5]))
+            parts.append("mis-shaped: " + ", ".join(f"{prefix}.{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(misshaped)[:5]))
         raise CheckpointError(f"{source} does not fit the {prefix} built from the config — " + " | ".join(parts))
     module.load_state_dict(given, strict=True)
 

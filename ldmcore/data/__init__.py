@@ -1,0 +1,1 @@
+"""Data sources: each yields batches keyed as its ``provides`` declares."""

@@ -1,0 +1,1 @@
+"""Faithfulness evaluation: exact readers of generated images and the scores built on them."""

@@ -1,0 +1,373 @@
+"""Shapes and invariants of the networks: building blocks, attention, the KL autoencoder and its
+losses, and the denoiser UNet. Tiny configs only; the whole file runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldmcore.autoencoder import (
+    DiagonalGaussian,
+    KLAutoencoder,
+    PatchDiscriminator,
+    adaptive_weight,
+    edge_weight_map,
+    generator_adversarial_loss,
+    hinge_d_loss,
+    reconstruction_loss,
+)
+from ldmcore.denoiser import UNet
+from ldmcore.nn import (
+    Attention,
+    BasicTransformerBlock,
+    Downsample,
+    ResBlock,
+    SpatialSelfAttention,
+    SpatialTransformer,
+    Upsample,
+    normalization,
+    timestep_embedding,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def perturb_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialized layers stop hiding dependencies."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+# ---------------------------------------------------------------------------------------- blocks
+
+
+def test_normalization_uses_32_groups_or_the_largest_divisor_below():
+    assert normalization(64).num_groups == 32
+    assert normalization(24).num_groups == 24
+    assert normalization(48).num_groups == 24
+    assert normalization(40).num_groups == 20
+    assert normalization(7).num_groups == 7
+    assert normalization(64, num_groups=8).num_groups == 8
+    assert normalization(64, eps=1e-6).eps == 1e-6
+
+
+def test_timestep_embedding_accepts_float_and_integer_timesteps():
+    t = torch.tensor([0.0, 0.5, 999.25])
+    emb = timestep_embedding(t, 16)
+    assert emb.shape == (3, 16) and emb.dtype == torch.float32
+    # cos first, then sin; the first frequency is 1.
+    assert torch.allclose(emb[:, 0], torch.cos(t)) and torch.allclose(emb[:, 8], torch.sin(t))
+    assert torch.allclose(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    # continuous t: nearby timesteps give nearby but distinct embeddings
+    assert not torch.equal(timestep_embedding(torch.tensor([10.0]), 16), timestep_embedding(torch.tensor([10.5]), 16))
+    assert torch.allclose(timestep_embedding(torch.tensor([3]), 16), timestep_embedding(torch.tensor([3.0]), 16))
+    assert timestep_embedding(torch.tensor(7.0), 15).shape == (1, 15)  # scalar t, odd dim
+
+
+@pytest.mark.parametrize("out_channels", [None, 48])
+@pytest.mark.parametrize("emb_channels", [None, 32])
+def test_resblock_shapes(out_channels, emb_channels):
+    block = ResBlock(16, out_channels, emb_channels)
+    x = torch.randn(2, 16, 8, 6)
+    emb = torch.randn(2, 32) if emb_channels else None
+    assert block(x, emb).shape == (2, out_channels or 16, 8, 6)
+    assert isinstance(block.skip_connection, torch.nn.Conv2d) == (out_channels is not None)
+
+
+def test_resblock_is_identity_at_init_and_uses_the_embedding_after_training():
+    block = ResBlock(16, emb_channels=8)
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(block(x, torch.randn(2, 8)), x)  # zero-initialized out conv
+    perturb_(block)
+    assert not torch.allclose(block(x, torch.zeros(2, 8)), block(x, torch.ones(2, 8)))
+    with pytest.raises(ValueError, match="embedding"):
+        block(x)
+
+
+def test_down_and_upsample_shapes():
+    x = torch.randn(2, 8, 16, 12)
+    assert Downsample(8)(x).shape == (2, 8, 8, 6)
+    assert Downsample(8, 16)(x).shape == (2, 16, 8, 6)
+    assert Downsample(8, asymmetric_padding=True)(x).shape == (2, 8, 8, 6)
+    assert Upsample(8)(x).shape == (2, 8, 32, 24)
+    assert Upsample(8, 4)(x).shape == (2, 4, 32, 24)
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def naive_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    context = x if context is None else context
+    heads = attn.num_heads
+    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+    d = q.shape[-1] // heads
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, h, N, L)
+    out = (weights @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], heads * d)
+    return attn.to_out(out)
+
+
+@pytest.mark.parametrize("context_dim", [None, 12])
+def test_sdpa_attention_equals_naive_softmax_attention(context_dim):
+    attn = Attention(query_dim=16, num_heads=4, head_dim=8, context_dim=context_dim)
+    x = torch.randn(3, 10, 16)
+    context = torch.randn(3, 5, context_dim) if context_dim else None
+    out = attn(x, context)
+    assert out.shape == (3, 10, 16)
+    torch.testing.assert_close(out, naive_attention(attn, x, context), rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_block_with_and_without_cross_attention():
+    x = torch.randn(2, 9, 16)
+    with_cross = BasicTransformerBlock(16, num_heads=2, head_dim=8, context_dim=7)
+    assert with_cross(x, torch.randn(2, 3, 7)).shape == x.shape
+    self_only = BasicTransformerBlock(16, num_heads=2, head_dim=8)
+    assert self_only.attn2 is None and self_only(x).shape == x.shape
+    assert with_cross.ff.net[0].proj.out_features == 2 * 4 * 16  # GEGLU, 4× inner width
+    with pytest.raises(ValueError):
+        with_cross(x)
+    with pytest.raises(ValueError):
+        self_only(x, torch.randn(2, 3, 7))
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_shapes_and_zero_init(use_linear):
+    st = SpatialTransformer(32, num_heads=4, head_dim=8, depth=2, context_dim=6, use_linear=use_linear)
+    x, context = torch.randn(2, 32, 4, 5), torch.randn(2, 3, 6)
+    assert torch.equal(st(x, context), x)  # proj_out is zero-initialized: the block starts as identity
+    perturb_(st)
+    out = st(x, context)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    assert isinstance(st.proj_in, torch.nn.Linear if use_linear else torch.nn.Conv2d)
+    assert len(st.transformer_blocks) == 2
+
+
+def test_spatial_self_attention_shape():
+    x = torch.randn(2, 16, 4, 4)
+    assert SpatialSelfAttention(16)(x).shape == x.shape
+
+
+# ----------------------------------------------------------------------------------- autoencoder
+
+
+@pytest.mark.parametrize("channel_mult,f", [((1,), 1), ((1, 2), 2), ((1, 2, 2), 4), ((1, 2, 2, 4), 8)])
+def test_autoencoder_shapes_for_each_downsample_factor(channel_mult, f):
+    ae = KLAutoencoder(base_channels=8, channel_mult=channel_mult, latent_channels=3, num_groups=8)
+    assert ae.downsample_factor == f and ae.latent_channels == 3
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = ae.encode(x)
+    assert isinstance(posterior, DiagonalGaussian)
+    assert posterior.mean.shape == posterior.std.shape == (2, 3, 16 // f, 16 // f)
+    kl = posterior.kl()
+    assert kl.shape == (2,) and bool((kl >= 0).all())
+    assert ae.decode(posterior.sample()).shape == x.shape
+    recon, post = ae(x, sample=False)
+    assert recon.shape == x.shape
+    torch.testing.assert_close(recon, ae.decode(post.mode()))
+
+
+def test_autoencoder_widths_and_mid_attention():
+    ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 4), mid_attention=True, num_groups=8)
+    assert ae.encoder.conv_in.out_channels == 8 and ae.encoder.conv_out.in_channels == 32
+    assert ae.decoder.conv_in.out_channels == 32 and ae.decoder.conv_out.out_channels == 3
+    assert any(isinstance(m, SpatialSelfAttention) for m in ae.modules())
+    assert ae.last_layer is ae.decoder.conv_out.weight
+    with pytest.raises(ValueError, match="divisible"):
+        ae.encode(torch.randn(1, 3, 10, 10))
+
+
+def test_autoencoder_reference_layout_options():
+    # The options that hold Stable Diffusion's VAE layout, at a tiny width.
+    ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 4, 4), encoder_res_blocks=2, decoder_res_blocks=3,
+                       mid_attention=True, mid_res_blocks=2, quant_conv=True, asymmetric_downsample=True, num_groups=8)
+    assert [type(m).__name__ for m in ae.encoder.mid] == ["ResBlock", "SpatialSelfAttention", "ResBlock"]
+    assert sum(isinstance(m, ResBlock) for m in ae.decoder.up) == 12
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    recon, posterior = ae(x)
+    assert posterior.mean.shape == (1, 4, 2, 2) and recon.shape == x.shape
+    assert {"quant_conv.weight", "post_quant_conv.weight"} <= set(ae.state_dict())
+
+
+def test_scale_factor_is_a_saved_buffer_that_can_be_set_like_a_float():
+    ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2), num_groups=8, scale_factor=0.5)
+    assert float(ae.scale_factor) == 0.5
+    ae.scale_factor = 0.25
+    assert ae.state_dict()["scale_factor"].item() == 0.25
+    other = KLAutoencoder(base_channels=8, channel_mult=(1, 2), num_groups=8)
+    other.load_state_dict(ae.state_dict())
+    assert float(other.scale_factor) == 0.25
+
+
+def test_diagonal_gaussian_kl_sampling_and_clamping():
+    mean, logvar = torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)
+    standard = DiagonalGaussian(mean, logvar)
+    torch.testing.assert_close(standard.kl(), torch.zeros(2))  # KL(N(0, I) ‖ N(0, I)) = 0
+    shifted = DiagonalGaussian(mean + 1.0, logvar)
+    torch.testing.assert_close(shifted.kl(), torch.full((2,), 0.5 * 36))  # ½·‖μ‖² over 36 entries
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(shifted.sample(g1), shifted.sample(g2))
+    assert torch.equal(shifted.mode(), mean + 1.0)
+    clamped = DiagonalGaussian.from_moments(torch.cat([mean, torch.full_like(logvar, 100.0)], dim=1))
+    assert clamped.logvar.max().item() == 20.0 and torch.isfinite(clamped.kl()).all()
+
+
+# -------------------------------------------------------------------------------------- losses
+
+
+def square_image() -> torch.Tensor:
+    x = -torch.ones(1, 3, 16, 16)
+    x[..., 4:12, 4:12] = 1.0
+    return x
+
+
+def test_reconstruction_loss_is_zero_on_identical_images_and_positive_otherwise():
+    x = square_image()
+    assert reconstruction_loss(x, x.clone()).item() == 0.0
+    assert reconstruction_loss(x, x + 0.1).item() > 0.0
+
+
+def test_edge_weight_map_is_higher_on_edges():
+    x = square_image()
+    w = edge_weight_map(x, strength=4.0)
+    assert w.shape == (1, 1, 16, 16)
+    assert w[0, 0, 0, 0].item() == 1.0 and w[0, 0, 8, 8].item() == 1.0  # flat background / inside
+    assert w[0, 0, 8, 4].item() > 3.0 and w[0, 0, 8, 3].item() > 3.0  # both sides of a side
+    assert w.max().item() == pytest.approx(5.0) and w[0, 0, 4, 4].item() == pytest.approx(5.0)  # corners: maximum
+    assert torch.equal(edge_weight_map(torch.zeros(1, 3, 8, 8)), torch.ones(1, 1, 8, 8))
+    # a one-pixel-wide line (a triangle's tip) is marked on the line itself
+    line = -torch.ones(1, 3, 8, 8)
+    line[..., :, 4] = 1.0
+    assert edge_weight_map(line)[0, 0, 2, 4].item() == pytest.approx(5.0)
+    assert edge_weight_map(line, strength=2.0)[0, 0, 2, 4].item() == pytest.approx(3.0)
+    # an error on an edge costs more than the same error in a flat region
+    on_edge, flat = x.clone(), x.clone()
+    on_edge[..., 8, 4] += 0.5
+    flat[..., 8, 8] += 0.5
+    assert reconstruction_loss(x, on_edge) > reconstruction_loss(x, flat)
+
+
+def test_hinge_losses_known_values():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, 0.5, 2] -> mean 5/6; relu(1 + fake) = [0, 1, 2] -> mean 1
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
+    assert hinge_d_loss(torch.ones(4) * 3, -torch.ones(4) * 3).item() == 0.0
+    assert generator_adversarial_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0) / 3)
+
+
+def test_adaptive_weight_is_finite_and_positive():
+    ae = KLAutoencoder(base_channels=8, channel_mult=(1, 2), num_groups=8)
+    disc = PatchDiscriminator(base_channels=8, n_layers=2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, _ = ae(x)
+    nll = reconstruction_loss(x, recon)
+    g_loss = generator_adversarial_loss(disc(recon))
+    weight = adaptive_weight(nll, g_loss, ae.last_layer)
+    assert torch.isfinite(weight) and 0 < weight.item() <= 1e4 and not weight.requires_grad
+    (nll + weight * g_loss).backward()  # the graphs were kept for the caller
+
+
+@pytest.mark.parametrize("n_layers,norm,size", [(3, "batch", 2), (2, "group", 6), (1, "none", 14)])
+def test_patch_discriminator_output_shape(n_layers, norm, size):
+    disc = PatchDiscriminator(in_channels=3, base_channels=8, n_layers=n_layers, norm=norm)
+    assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, size, size)
+
+
+# -------------------------------------------------------------------------------------- denoiser
+
+
+def tiny_unet(**kwargs) -> UNet:
+    config = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(2,), num_heads=4)
+    return UNet(**{**config, **kwargs})
+
+
+@pytest.mark.parametrize("size", [8, 12])
+@pytest.mark.parametrize(
+    "kwargs,extra",
+    [
+        ({}, {}),
+        ({"context_dim": 24}, {"context": (2, 3, 24)}),
+        ({"vector_dim": 10}, {"y": (2, 10)}),
+        ({"in_channels": 7, "context_dim": 24, "vector_dim": 10, "use_linear_proj": True, "head_dim": 16},
+         {"context": (2, 1, 24), "y": (2, 10)}),
+    ],
+)
+def test_unet_shapes(kwargs, extra, size):
+    unet = tiny_unet(**kwargs)
+    x = torch.randn(2, unet.in_channels, size, size)
+    out = unet(x, torch.tensor([1.5, 900.0]), **{k: torch.randn(shape) for k, shape in extra.items()})
+    assert out.shape == (2, 4, size, size)
+
+
+def test_unet_three_levels_and_attention_everywhere():
+    unet = tiny_unet(channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2, 4), transformer_depth=(1, 1, 2))
+    assert unet(torch.randn(1, 4, 8, 8), torch.tensor([10])).shape == (1, 4, 8, 8)
+    assert len(unet.middle_block[1].transformer_blocks) == 2
+
+
+def test_unet_output_is_zero_at_init_and_then_depends_on_context_and_y():
+    unet = tiny_unet(context_dim=16, vector_dim=5)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0])
+    context, y = torch.randn(2, 2, 16), torch.randn(2, 5)
+    assert torch.count_nonzero(unet(x, t, context, y)) == 0
+    perturb_(unet)
+    out = unet(x, t, context, y)
+    assert out.abs().sum() > 0
+    assert not torch.allclose(out, unet(x, t, torch.randn(2, 2, 16), y))
+    assert not torch.allclose(out, unet(x, t, context, torch.randn(2, 5)))
+    assert not torch.allclose(out, unet(x, t + 1.0, context, y))
+    # a scalar timestep is broadcast over the batch
+    torch.testing.assert_close(unet(x, torch.tensor(3.0), context, y), unet(x, torch.tensor([3.0, 3.0]), context, y))
+
+
+def test_unet_rejects_missing_or_unexpected_conditions_and_bad_sizes():
+    with pytest.raises(ValueError, match="context"):
+        tiny_unet(context_dim=16)(torch.randn(1, 4, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="context"):
+        tiny_unet()(torch.randn(1, 4, 8, 8), torch.tensor([1]), context=torch.randn(1, 1, 16))
+    with pytest.raises(ValueError, match="y="):
+        tiny_unet(vector_dim=3)(torch.randn(1, 4, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_unet()(torch.randn(1, 4, 7, 8), torch.tensor([1]))
+
+
+def test_unet_follows_the_stable_diffusion_module_layout():
+    # SD 1.x layout (channel_mult 1,2,4,4, two ResBlocks per level, attention at 4,2,1) at a tiny
+    # width: the state dict has SD's 686 keys, with its names.
+    unet = UNet(4, 4, model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                attention_resolutions=(4, 2, 1), num_heads=8, context_dim=64)
+    keys = set(unet.state_dict())
+    assert len(keys) == 686
+    for key in [
+        "time_embed.0.weight", "time_embed.2.weight", "input_blocks.0.0.weight",
+        "input_blocks.1.0.in_layers.0.weight", "input_blocks.1.0.emb_layers.1.weight",
+        "input_blocks.1.0.out_layers.3.weight", "input_blocks.1.1.proj_in.weight",
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+        "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
+        "input_blocks.1.1.transformer_blocks.0.norm3.weight", "input_blocks.3.0.op.weight",
+        "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_out.weight",
+        "middle_block.2.out_layers.3.weight", "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight", "output_blocks.11.1.transformer_blocks.0.attn1.to_out.0.weight",
+        "out.0.weight", "out.2.weight",
+    ]:
+        assert key in keys, key
+    assert not any(k.endswith("attn1.to_q.bias") for k in keys)  # q/k/v projections have no bias
+    assert unet.middle_block[1].norm.eps == 1e-6 and unet.middle_block[0].in_layers[0].eps == 1e-5
+
+
+def test_unet_trains_one_step():
+    unet = tiny_unet(context_dim=8)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 1, 8)
+    loss = F.mse_loss(unet(x, torch.rand(2) * 999, context), torch.randn_like(x))
+    loss.backward()
+    assert unet.out[2].weight.grad.abs().sum() > 0  # the zero output conv gets gradient
