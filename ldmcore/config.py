@@ -86,7 +86,6 @@ class TrainerConfig:
     sample_every: int = 0
     grid_columns: int = 10
     grid_rows: int = 18
-    resume: bool = True
 
 
 @dataclass

@@ -97,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = build("data", cfg.data)
     system = build_system(cfg, dataset)  # checks plugins and batch keys before any work
     resume = None
-    if cfg.checkpoint and cfg.trainer.resume:
+    if cfg.checkpoint:  # task=train with a checkpoint continues that run
         tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
         if saved_cfg is not None:
             check_same_model(saved_cfg, cfg, folder)

@@ -33,6 +33,7 @@ def test_unconditional_run_leaves_its_outputs(tmp_path, tiny):
     for name in ("samples.png", "metrics.json", "metrics.jsonl", "first_stage.json"):
         assert (run / name).is_file(), name
     assert list(run.glob("checkpoints/step_*/model.safetensors"))
+    assert [p.name for p in sorted(run.glob("samples/*.png"))] == ["step_0000002.png"]  # the last step's grid is samples.png
     assert 0.0 <= metrics["readable"] <= 1.0 and metrics["conditions"] == []
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(r["img_s"] > 0 for r in log)

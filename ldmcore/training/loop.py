@@ -115,7 +115,7 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
             window_start, window_steps = now, 0
         if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < opts.steps:
             checkpoint(done)
-        if on_sample is not None and opts.sample_every and done % opts.sample_every == 0:
+        if on_sample is not None and opts.sample_every and done % opts.sample_every == 0 and done < opts.steps:
             on_sample(done, ema.shadow)
     metrics_log.close()
     model.eval()

@@ -1,0 +1,47 @@
+"""Write docs/quality.md from the recorded default runs (bench/results/default_runs.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "default_runs.jsonl"
+DOC = ROOT / "docs" / "quality.md"
+
+HEADER = """# Quality of the default runs
+
+Measured by `bench/default_runs.py` (each run `python -m ldmcore.run ...` from a cold start: no
+cached first stage, so the wall time includes start-up, the first stage, the latent pool, the
+denoiser, sampling and scoring), on the 2-core CPU machine this project is developed on, one run
+at a time. Scores come from the shapes world's exact reader (SHAPES.md: shape by template IoU,
+valid only at IoU ≥ 0.75) on the run's evaluation grid: 180 samples (10 per class for the class
+model), DDIM 50 steps, guidance scale 3 for the class model.
+
+- *readable*: the sample reads back as valid objects only (at least one).
+- *class accuracy*: exactly one valid object, of the requested class.
+- *first stage*: PSNR and read-back rate of the autoencoder's reconstructions (512 images).
+
+| command | seed | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) |
+|---|---|---|---|---|---|---|---|
+"""
+
+
+def row(r: dict) -> str:
+    fs = r.get("first_stage") or {}
+    per = "/".join(f"{100 * r[k]:.0f}" for k in ("class_accuracy/circle", "class_accuracy/square", "class_accuracy/triangle") if k in r)
+    acc = f"**{100 * r['class_accuracy']:.1f} %** ({per})" if "class_accuracy" in r else "—"
+    command = r["command"].rsplit(" seed=", 1)[0]
+    return (f"| `{command}` | {r['seed']} | {r['wall_seconds'] / 60:.1f} min | {r['first_stage_seconds']:.0f} s | "
+            f"{r['denoiser_seconds']:.0f} s | {fs.get('psnr', float('nan')):.1f} dB / {100 * fs.get('readback', float('nan')):.1f} % | "
+            f"**{100 * r['readable']:.1f} %** | {acc} |")
+
+
+def main() -> None:
+    runs = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    DOC.write_text(HEADER + "\n".join(row(r) for r in runs) + "\n")
+    print(DOC.read_text())
+
+
+if __name__ == "__main__":
+    main()
