@@ -8,7 +8,7 @@ by their constructors; the sections below are plain options checked here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -66,8 +66,13 @@ class SamplerConfig:
     steps: int = 50
     eta: float = 0.0
     spacing: str = choice("leading", "trailing", "linspace", default="leading")
-    guidance_scale: float = 3.0
+    guidance_scale: float = 3.0  # every condition's scale unless guidance_scales names it; 1 = none
+    autoguidance_scale: float = 4.0  # no condition present: guidance by the earlier EMA snapshot; 1 = none
+    guidance_scales: Dict[str, float] = field(default_factory=dict)  # per-condition scales, {name: scale}
+    guidance: str = choice("independent", "nested", default="independent")  # how several conditions combine
+    guidance_order: List[str] = field(default_factory=list)  # nested: conditions in the order they are added
     batch_size: int = 90
+    max_batch: Optional[int] = None  # most samples in one denoiser forward (guidance multiplies the batch)
 
 
 @dataclass
@@ -80,9 +85,12 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
+    guide_snapshot: float = 0.3  # fraction of steps at which the EMA is kept for autoguidance; 0 = none
     log_every: int = 25
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    on_nonfinite: str = choice("stop", "skip", default="stop")  # a NaN/inf loss or gradient norm
+    max_skipped_steps: int = 10  # on_nonfinite=skip: stop once more steps than this were skipped
     sample_every: int = 0
     grid_columns: int = 10
     grid_rows: int = 18
@@ -135,4 +143,25 @@ def validate(cfg: DictConfig) -> DictConfig:
     for name, options in (typed.condition or {}).items():
         if "dropout" not in options:
             raise ConfigError(f"condition.{name} has no 'dropout' option (every condition config sets one)")
+    # A run that names no condition but a checkpoint (sample, eval) takes the checkpoint's
+    # conditions: its guidance options are checked once merged with the checkpoint's config.
+    if typed.condition or not typed.checkpoint:
+        check_guidance(typed.sampler, list(typed.condition or {}))
     return typed
+
+
+def check_guidance(sampler: DictConfig, conditions: list[str]) -> None:
+    """The per-condition guidance options may only name the model's conditions."""
+    if sampler.max_batch is not None and sampler.max_batch < 1:
+        raise ConfigError(f"sampler.max_batch must be at least 1 (or null: no limit), got {sampler.max_batch}")
+    have = ", ".join(conditions) or "none"
+    unknown = sorted(set(sampler.guidance_scales) - set(conditions))
+    if unknown:
+        raise ConfigError(f"sampler.guidance_scales names {unknown}, not conditions of this model (its conditions: {have})")
+    order = list(sampler.guidance_order)
+    unknown = [n for n in order if n not in conditions]
+    if unknown:
+        raise ConfigError(f"sampler.guidance_order names {unknown}, not conditions of this model (its conditions: {have})")
+    repeated = sorted({n for n in order if order.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"sampler.guidance_order lists {repeated} more than once")

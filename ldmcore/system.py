@@ -4,6 +4,7 @@ built from the selected plugins, the UNet whose sizes are derived from both, and
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,15 @@ class LatentDiffusion:
     conditions: dict[str, Condition]
     condition_options: DictConfig
     data: DataInfo
+    guide: DenoiserModel | None = None  # the earlier EMA snapshot that autoguides unconditional samples
+
+    def attach_guide(self, tensors: dict[str, torch.Tensor], prefix: str = "guide") -> None:
+        """Build the autoguidance model from ``prefix.*`` tensors (no-op when there are none)."""
+        from ldmcore.training.checkpoint import load_module_state
+
+        if any(k.startswith(prefix + ".") for k in tensors):
+            self.guide = copy.deepcopy(self.model).eval()
+            load_module_state(self.guide, tensors, prefix)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -60,11 +60,13 @@ def evaluate(system, model, dataset, cfg: DictConfig, run_dir: Path, grid_name: 
     start = time.perf_counter()
     batch, n, labels = grid_batch(system, dataset, cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    images = generate(system, model.eval(), batch, n, cfg.sampler, generator)
+    images = generate(system, model.eval(), batch, n, cfg.sampler, generator, weak_model=system.guide)
     save_grid(images, Path(run_dir) / grid_name, cfg.trainer.grid_columns, labels)
     scores = score(system, images, batch)
     scores.update(samples=n, sampler=cfg.sampler.name, sampler_steps=cfg.sampler.steps,
-                  guidance_scale=cfg.sampler.guidance_scale, eval_seconds=time.perf_counter() - start)
+                  guidance_scale=cfg.sampler.guidance_scale,
+                  autoguidance_scale=cfg.sampler.autoguidance_scale if system.guide is not None else None,
+                  eval_seconds=time.perf_counter() - start)
     return scores
 
 
@@ -79,8 +81,8 @@ def check_same_model(saved: DictConfig, cfg: DictConfig, source) -> None:
     """Resuming or sampling needs the checkpoint's model config; list what differs."""
     diffs = []
     for section in MODEL_SECTIONS:
-        a = OmegaConf.to_container(saved.get(section) or {}, resolve=True)
-        b = OmegaConf.to_container(cfg.get(section) or {}, resolve=True)
+        a = OmegaConf.to_container(saved.get(section) or OmegaConf.create(), resolve=True)
+        b = OmegaConf.to_container(cfg.get(section) or OmegaConf.create(), resolve=True)
         if a != b:
             diffs.append(f"{section}: checkpoint {a} vs config {b}")
     if diffs:
@@ -103,7 +105,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             check_same_model(saved_cfg, cfg, folder)
         load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
         system.first_stage.eval().requires_grad_(False)
-        resume = {"tensors": tensors, "state": state}
+        resume = {"tensors": tensors, "state": state, "folder": folder}
         first_stage_record = {"source": str(folder), "resumed": True}
     else:
         system.first_stage, first_stage_record = obtain_first_stage(cfg, dataset, system.data.reader, run_dir)
@@ -115,6 +117,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     system.first_stage.scale_factor.fill_(pool.scale_factor)
     result = train_denoiser(system, dataset, pool, cfg, run_dir, resume,
                             on_sample=lambda step, ema: evaluate(system, ema, dataset, cfg, run_dir, f"samples/step_{step:07d}.png"))
+    if result["stopped_by"]:  # SIGTERM / SIGINT: the checkpoint is written; leave without the final grid
+        stopped = {**{key: result[key] for key in ("stopped_by", "step", "skipped_steps")}, "checkpoint": str(result["checkpoint"])}
+        write_json(run_dir / "metrics.json", stopped)
+        return stopped
+    system.attach_guide({f"guide.{k}": v for k, v in (result["guide"] or {}).items()})
     metrics = evaluate(system, result["ema"], dataset, cfg, run_dir)
     metrics.update(
         first_stage=first_stage_record.get("metrics"),
@@ -122,6 +129,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         denoiser_seconds=result["train_seconds"],
         total_seconds=time.perf_counter() - start,
         checkpoint=str(result["checkpoint"]),
+        skipped_steps=result["skipped_steps"],
+        resumed_from=str(resume["folder"]) if resume else None,
         conditions=list(system.conditions),
         seed=cfg.seed,
     )
@@ -141,13 +150,15 @@ def load_trained(cfg: DictConfig):
     tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
     if saved_cfg is None:
         raise CheckpointError(f"{folder} carries no config.yaml; it cannot be rebuilt")
-    merged = validate(OmegaConf.merge(saved_cfg, {"sampler": cfg.sampler, "seed": cfg.seed, "task": cfg.task,
-                                                   "trainer": {"grid_columns": cfg.trainer.grid_columns,
-                                                               "grid_rows": cfg.trainer.grid_rows}}))
+    merged = OmegaConf.create(OmegaConf.to_container(cfg))
+    for section in MODEL_SECTIONS:  # the model is the checkpoint's; sampler, seed and grid are this run's
+        OmegaConf.update(merged, section, saved_cfg.get(section) or {}, merge=False)
+    merged = validate(merged)
     dataset = build("data", merged.data)
     system = build_system(merged, dataset)
     load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
     load_module_state(system.model, tensors, "ema", source=str(folder))
+    system.attach_guide(tensors)
     system.first_stage.eval()
     system.model.eval()
     return system, dataset, merged
@@ -221,7 +232,8 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     files = [None] * len(entries)
     for present, indices in groups.items():
         batch = collate([entries[i][1] for i in indices]) if present else {}
-        images = generate(system, system.model, batch, len(indices), merged.sampler, generator, present=present)
+        images = generate(system, system.model, batch, len(indices), merged.sampler, generator, present=present,
+                          weak_model=system.guide)
         for i, image in zip(indices, images):
             files[i] = f"{i:06d}.png"
             save_image(image, run_dir / files[i])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+POOL_CHUNK = 256  # items per batch when a source has no fast ``values``
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,9 @@ class DataInfo:
     class_names  names of the object classes, index = class label (may be empty)
     reader       an exact reader of generated images (e.g. the shapes-world evaluator module),
                  or None when the data has none; plugins score faithfulness with it
+    values       ``values(key, limit=None) -> list``: the values of one batch key over the first
+                 ``limit`` items of the source (all items by default), e.g. to fit a tokenizer
+                 to the data before training; None when the source cannot enumerate its items
     """
 
     name: str
@@ -22,14 +29,34 @@ class DataInfo:
     provides: tuple[str, ...]
     class_names: tuple[str, ...] = ()
     reader: Any = field(default=None, compare=False)
+    values: Callable[..., list] | None = field(default=None, compare=False)
+
+
+def pool_values(dataset, key: str, limit: int | None = None) -> list:
+    """The values of batch key ``key`` for items ``0 .. limit-1`` of ``dataset`` (all by default).
+
+    Uses the source's own ``values(key, limit)`` where it has one (it may skip work the batch
+    does, such as drawing images); otherwise reads ``dataset.batch`` in chunks.
+    """
+    if key not in dataset.provides:
+        raise KeyError(f"the data source {type(dataset).__name__} does not provide {key!r} (it provides {', '.join(dataset.provides)})")
+    if hasattr(dataset, "values"):
+        return list(dataset.values(key, limit))
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    out: list = []
+    for start in range(0, n, POOL_CHUNK):
+        out.extend(dataset.batch(list(range(start, min(start + POOL_CHUNK, n))))[key])
+    return out
 
 
 def data_info(dataset) -> DataInfo:
     """Describe a dataset object by the attributes a data source exposes."""
+    enumerable = hasattr(dataset, "batch") and hasattr(dataset, "__len__")
     return DataInfo(
         name=type(dataset).__name__,
         resolution=int(dataset.resolution),
         provides=tuple(dataset.provides),
         class_names=tuple(getattr(dataset, "class_names", ())),
         reader=getattr(dataset, "reader", None),
+        values=partial(pool_values, dataset) if enumerable else None,
     )

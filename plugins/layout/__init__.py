@@ -1,0 +1,1 @@
+"""The ``layout`` condition: labelled boxes, as (class, top-left, bottom-right) cross-attention tokens."""

@@ -1,0 +1,84 @@
+"""The ``text`` condition plugin: a caption, encoded by tau_theta into cross-attention tokens.
+
+Learned path (default), as the paper's text-to-image LDM (Rombach et al. 2022, Sec. 4.3.1): a
+transformer trained jointly with the denoiser, over the pieces of a SentencePiece tokenizer fitted
+to the data source's captions. Pretrained path: a frozen encoder from a local Hugging Face folder.
+Captions need multi-object scenes: this plugin's config switches the data to ``shapes_multi``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ldmcore.hookspecs import hookimpl
+
+from .encoders import LearnedCaptionEncoder, PretrainedCaptionEncoder
+from .tokenizer import obtain_tokenizer
+
+NAME = "text"
+KEY = "caption"
+ENCODERS = ("learned", "pretrained")
+
+
+def _option(options, key, default=None):
+    """An option, or ``default`` where it is missing or cannot be resolved (a plugin config read
+    on its own, outside a run, has no ``cache_dir`` to interpolate)."""
+    return OmegaConf.select(options, key, default=default, throw_on_resolution_failure=False)
+
+
+@hookimpl
+def ldmcore_condition_name():
+    return NAME
+
+
+@hookimpl
+def ldmcore_config_dir():
+    return str(Path(__file__).parent / "conf")
+
+
+@hookimpl
+def ldmcore_batch_keys():
+    return [KEY]
+
+
+@hookimpl
+def ldmcore_build_encoder(options, data):
+    encoder = str(options.encoder)
+    if encoder == "pretrained":
+        if not options.pretrained:
+            raise ValueError("condition.text.encoder=pretrained needs condition.text.pretrained=PATH, a local Hugging Face folder")
+        return PretrainedCaptionEncoder(str(Path(str(options.pretrained)).expanduser()), int(options.max_length), str(options.null_condition))
+    if encoder != "learned":
+        raise ValueError(f"condition.text.encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+    if data.values is None:
+        raise ValueError(f"the learned text encoder fits its tokenizer to the data's captions, but the data source "
+                         f"{data.name} cannot list them (DataInfo.values is None); use condition.text.encoder=pretrained")
+    captions = data.values(KEY, int(options.tokenizer_captions))
+    tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), _option(options, "tokenizer_cache"))
+    return LearnedCaptionEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
+                                 int(options.depth), int(options.num_heads), str(options.null_condition))
+
+
+@hookimpl
+def ldmcore_parse_value(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a text condition is a non-empty caption string, e.g. \"a red circle and a blue square\"; got {value!r}")
+    return {KEY: value}
+
+
+@hookimpl
+def ldmcore_format_value(batch, index):
+    return str(batch[KEY][index])
+
+
+@hookimpl
+def ldmcore_score(images, batch, data):
+    """Caption accuracy read back by the data's exact reader: every object valid, and left to
+    right they spell the caption."""
+    if data.reader is None:
+        return {}
+    objects = data.reader.read_batch(images)
+    correct = [data.reader.caption_correct(objs, caption) for objs, caption in zip(objects, batch[KEY])]
+    return {"caption_accuracy": sum(correct) / max(len(correct), 1)}

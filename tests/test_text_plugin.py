@@ -1,0 +1,194 @@
+"""The text condition: its tokenizer (fitted to the data's captions, cached by caption set), the
+learned and the pretrained (local Hugging Face) encoders, user values, scoring, and its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from ldmcore.config import validate
+from ldmcore.data.base import DataInfo, data_info
+from ldmcore.data.shapes import ShapesWorld
+from ldmcore.pluginmanager import installed
+from ldmcore_plugins.text.tokenizer import BEGIN, END, PAD, Tokenizer, fit_sentencepiece, obtain_tokenizer
+
+LATENT = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(resolution=32, kind="multi", size=96, seed=5)
+
+
+@pytest.fixture(scope="module")
+def info(world):
+    return data_info(world)
+
+
+@pytest.fixture(scope="module")
+def text():
+    return installed().get("text")
+
+
+def options(**changes):
+    path = Path(installed().get("text").call("ldmcore_config_dir")) / "condition" / "text.yaml"
+    opts = OmegaConf.load(path)
+    opts.merge_with({"embed_dim": 32, "depth": 1, "num_heads": 2, **changes})
+    return opts
+
+
+def build(text, info, **changes):
+    return text.call("ldmcore_build_encoder", options=options(**changes), data=info)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_data_lists_the_values_of_a_batch_key(world, info):
+    assert info.values("caption", 10) == world.batch(list(range(10)))["caption"]
+    assert len(info.values("caption")) == len(world)
+
+
+def test_tokenizer_fits_the_caption_words_and_frames_each_caption(info):
+    tokenizer = Tokenizer(fit_sentencepiece(sorted(set(info.values("caption"))), 128, "bpe"))
+    assert tokenizer.pieces("a red circle and a blue square") == ["▁a", "▁red", "▁circle", "▁and", "▁a", "▁blue", "▁square"]
+    tokens, keep = tokenizer.encode(["a red circle", ""], 8)
+    assert tokens[0, 0] == BEGIN and tokens[0, 4] == END and tokens[0, 5:].eq(PAD).all()
+    assert tokens[1, :2].tolist() == [BEGIN, END] and keep[1].tolist() == [True, True] + [False] * 6
+    long, _ = tokenizer.encode(["a red circle, a blue square and a green triangle"], 5)  # cut, end kept
+    assert long[0, 0] == BEGIN and long[0, -1] == END
+    unseen, _ = tokenizer.encode(["a purple hexagon"], 24)  # unknown words still encode
+    assert unseen[0, 0] == BEGIN
+
+
+def test_tokenizer_is_deterministic_and_cached_by_caption_set(info, tmp_path):
+    captions = info.values("caption")
+    first = obtain_tokenizer(captions, 128, "bpe", str(tmp_path))
+    cached = list((tmp_path / "tokenizers").glob("*.model"))
+    assert len(cached) == 1 and first.source == str(cached[0])
+    again = obtain_tokenizer(list(reversed(captions)) + captions[:5], 128, "bpe", str(tmp_path))  # same set
+    assert again.source == first.source and again.digest == first.digest
+    assert Tokenizer(fit_sentencepiece(sorted(set(captions)), 128, "bpe")).digest == first.digest  # refit: same bytes
+    obtain_tokenizer(captions[:20], 128, "bpe", str(tmp_path))  # another caption set: another file
+    assert len(list((tmp_path / "tokenizers").glob("*.model"))) == 2
+
+
+def test_build_caches_the_tokenizer_where_the_config_says(text, info, tmp_path):
+    encoder = build(text, info, tokenizer_cache=str(tmp_path))
+    assert encoder.tokenizer.source.startswith(str(tmp_path / "tokenizers"))
+    assert build(text, info, tokenizer_cache=str(tmp_path)).tokenizer.source == encoder.tokenizer.source
+
+
+# --- the learned encoder -----------------------------------------------------------------------
+
+
+def test_learned_encoder_tokens_null_and_gradients(text, world, info):
+    encoder = build(text, info, max_length=16)
+    assert encoder.outputs == {"crossattn": (16, 32)}
+    batch = world.batch([0, 1, 2])
+    out = encoder(batch)["crossattn"]
+    assert out.shape == (3, 16, 32)
+    null = encoder.null(3, LATENT, torch.device("cpu"))["crossattn"]
+    torch.testing.assert_close(null, encoder.encode([""] * 3))  # the encoding of the empty caption
+    out.sum().backward()
+    assert encoder.transformer.token_embedding.weight.grad is not None  # trained with the denoiser
+    zeros = build(text, info, null_condition="zeros").null(2, LATENT, torch.device("cpu"))["crossattn"]
+    assert zeros.shape == (2, 24, 32) and not zeros.any()
+
+
+def test_weights_of_another_tokenizer_are_refused(text, world, info):
+    encoder = build(text, info)
+    other = build(text, data_info(ShapesWorld(resolution=32, kind="single", size=40, seed=1)))
+    assert other.tokenizer.digest != encoder.tokenizer.digest
+    with pytest.raises(ValueError, match="another tokenizer"):
+        encoder.load_state_dict(other.state_dict())
+    encoder.load_state_dict(build(text, info).state_dict())  # the same tokenizer loads
+
+
+def test_learned_encoder_needs_a_data_source_that_lists_captions(text, info):
+    blind = DataInfo(name="Stream", resolution=32, provides=("image", "caption"))
+    with pytest.raises(ValueError, match="Stream"):
+        build(text, blind)
+
+
+def test_bad_options_are_named(text, info):
+    with pytest.raises(ValueError, match="null_condition"):
+        build(text, info, null_condition="nothing")
+    with pytest.raises(ValueError, match="condition.text.encoder"):
+        build(text, info, encoder="magic")
+    with pytest.raises(ValueError, match="condition.text.pretrained"):
+        build(text, info, encoder="pretrained")
+
+
+# --- the pretrained encoder --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny BERT and a WordPiece vocabulary written here: no download."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = ["a", "and", ",", "red", "green", "blue", "yellow", "magenta", "cyan", "circle", "square", "triangle"]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_pretrained_encoder_from_a_local_folder_is_frozen(text, world, info, tiny_bert):
+    encoder = build(text, info, encoder="pretrained", pretrained=str(tiny_bert), max_length=12)
+    assert encoder.outputs == {"crossattn": (12, 16)}
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training  # no dropout in a frozen encoder
+    batch = world.batch([0, 1])
+    out = encoder(batch)["crossattn"]
+    assert out.shape == (2, 12, 16)
+    null = encoder.null(2, LATENT, torch.device("cpu"))["crossattn"]
+    torch.testing.assert_close(null, encoder.encode(["", ""]))
+    assert not torch.allclose(out, null)
+
+
+def test_pretrained_path_that_is_not_a_model_is_named(text, info, tmp_path):
+    with pytest.raises(ValueError, match="not a local Hugging Face model folder"):
+        build(text, info, encoder="pretrained", pretrained=str(tmp_path / "nothing"))
+
+
+# --- user values and scores --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "   ", 3, None, ["a red circle"], {"caption": "a red circle"}])
+def test_parse_refuses_what_is_not_a_caption(text, info, value):
+    with pytest.raises(ValueError, match="non-empty caption"):
+        text.call("ldmcore_parse_value", value=value, options=options(), data=info)
+
+
+def test_parse_and_format(text, world, info):
+    assert text.call("ldmcore_parse_value", value="a red circle", options=options(), data=info) == {"caption": "a red circle"}
+    batch = world.batch([3, 4])
+    assert text.call("ldmcore_format_value", batch=batch, index=1, options=options(), data=info) == batch["caption"][1]
+
+
+def test_caption_accuracy_of_true_and_of_swapped_captions(text, world, info):
+    batch = world.batch(list(range(8)))
+    scores = text.call("ldmcore_score", images=batch["image"], batch=batch, options=options(), data=info)
+    assert scores == {"caption_accuracy": 1.0}
+    shifted = {**batch, "caption": batch["caption"][1:] + batch["caption"][:1]}
+    assert text.call("ldmcore_score", images=batch["image"], batch=shifted, options=options(), data=info)["caption_accuracy"] < 0.5
+
+
+# --- the data it needs -------------------------------------------------------------------------
+
+
+def test_text_selects_multi_object_scenes_unless_told_otherwise():
+    assert validate(compose_config(["+condition=text"])).data.kind == "multi"
+    assert validate(compose_config(["+condition=[text,layout]"])).data.kind == "multi"
+    assert validate(compose_config(["+condition=class"])).data.kind == "single"
+    assert validate(compose_config(["+condition=text", "data=shapes"])).data.kind == "single"  # the user's choice wins
