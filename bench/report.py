@@ -22,8 +22,8 @@ model), DDIM 50 steps, guidance scale 3 for the class model.
 - *class accuracy*: exactly one valid object, of the requested class.
 - *first stage*: PSNR and read-back rate of the autoencoder's reconstructions (512 images).
 
-| command | seed | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) |
-|---|---|---|---|---|---|---|---|
+| command | seed | guidance | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) |
+|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -32,7 +32,13 @@ def row(r: dict) -> str:
     per = "/".join(f"{100 * r[k]:.0f}" for k in ("class_accuracy/circle", "class_accuracy/square", "class_accuracy/triangle") if k in r)
     acc = f"**{100 * r['class_accuracy']:.1f} %** ({per})" if "class_accuracy" in r else "—"
     command = r["command"].rsplit(" seed=", 1)[0]
-    return (f"| `{command}` | {r['seed']} | {r['wall_seconds'] / 60:.1f} min | {r['first_stage_seconds']:.0f} s | "
+    if r.get("conditions"):
+        guidance = f"classifier-free {r['guidance_scale']:g}"
+    elif r.get("autoguidance_scale"):
+        guidance = f"autoguidance {r['autoguidance_scale']:g}"
+    else:
+        guidance = "none"
+    return (f"| `{command}` | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {r['first_stage_seconds']:.0f} s | "
             f"{r['denoiser_seconds']:.0f} s | {fs.get('psnr', float('nan')):.1f} dB / {100 * fs.get('readback', float('nan')):.1f} % | "
             f"**{100 * r['readable']:.1f} %** | {acc} |")
 

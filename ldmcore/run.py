@@ -19,9 +19,10 @@ from ldmcore.pluginmanager import PluginError
 from ldmcore.tasks import TASKS
 from ldmcore.training.checkpoint import CheckpointError
 from ldmcore.training.first_stage import FirstStageRejected
+from ldmcore.training.loop import NonFiniteLossError
 
 log = logging.getLogger("ldmcore")
-USER_ERRORS = (ConfigError, CheckpointError, FirstStageRejected, PluginError)
+USER_ERRORS = (ConfigError, CheckpointError, FirstStageRejected, PluginError, NonFiniteLossError)
 hydra_search.register()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -10,6 +12,18 @@ from hydra.core.global_hydra import GlobalHydra
 from ldmcore import hydra_search
 
 hydra_search.register()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_outside_home(tmp_path_factory):
+    """Nothing a test builds (first stages, tokenizers) lands in the user's cache."""
+    previous = os.environ.get("LDMCORE_CACHE")
+    os.environ["LDMCORE_CACHE"] = str(tmp_path_factory.mktemp("ldmcore_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LDMCORE_CACHE", None)
+    else:
+        os.environ["LDMCORE_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)
