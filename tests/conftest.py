@@ -26,6 +26,15 @@ def _cache_outside_home(tmp_path_factory):
         os.environ["LDMCORE_CACHE"] = previous
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run as fast on one thread, and do not stall when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

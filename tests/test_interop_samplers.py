@@ -15,20 +15,13 @@ from ldmcore.diffusion import sample_ddim, sample_dpmpp_2m  # noqa: E402
 from ldmcore.interop import diffusers_sigmas  # noqa: E402
 from ldmcore.interop.schedulers import noise_process  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices inside diffusers
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy 2 notices inside diffusers
+              pytest.mark.usefixtures("one_thread")]
 TOL = 1e-4
 # Stable Diffusion v1's scheduler_config.json (the DDIM / PNDM settings of its pipeline)
 SD_V1 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="epsilon", steps_offset=1)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast, and does not stall when other processes hold the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_eps_model(schedule):

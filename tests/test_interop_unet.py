@@ -36,13 +36,7 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast, and does not stall when other processes hold the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusers_unet(name: str, seed: int = 0) -> UNet2DConditionModel:

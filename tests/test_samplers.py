@@ -38,14 +38,7 @@ S = torch.tensor([0.5, 1.5, 1.0])
 N = 40_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small (N x 3); intra-op threads only add synchronisation, which costs
-    # up to 50x on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_denoiser(x, sigma):
