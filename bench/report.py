@@ -20,10 +20,12 @@ model), DDIM 50 steps, guidance scale 3 for the class model.
 
 - *readable*: the sample reads back as valid objects only (at least one).
 - *class accuracy*: exactly one valid object, of the requested class.
+- *caption accuracy*: every object valid and, left to right, they spell the caption; *box recall*:
+  target boxes matched by a valid object of the right label at IoU ≥ 0.5.
 - *first stage*: PSNR and read-back rate of the autoencoder's reconstructions (512 images).
 
-| command | seed | guidance | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) |
-|---|---|---|---|---|---|---|---|---|
+| command | seed | guidance | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) | other scores |
+|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -40,7 +42,13 @@ def row(r: dict) -> str:
         guidance = "none"
     return (f"| `{command}` | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {r['first_stage_seconds']:.0f} s | "
             f"{r['denoiser_seconds']:.0f} s | {fs.get('psnr', float('nan')):.1f} dB / {100 * fs.get('readback', float('nan')):.1f} % | "
-            f"**{100 * r['readable']:.1f} %** | {acc} |")
+            f"**{100 * r['readable']:.1f} %** | {acc} | {others(r)} |")
+
+
+def others(r: dict) -> str:
+    """Plugin scores beyond class accuracy (caption accuracy, box recall, ...)."""
+    keys = [k for k in ("caption_accuracy", "box_recall") if k in r]
+    return ", ".join(f"{k.replace('_', ' ')} {100 * r[k]:.1f} %" for k in keys) or "—"
 
 
 def main() -> None:
