@@ -12,7 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldmcore.config import ConfigError, validate
-from ldmcore.data.base import data_info
 from ldmcore.sampling import generate
 from ldmcore.system import build, build_system, set_threads
 from ldmcore.training.checkpoint import CheckpointError, load_checkpoint, load_module_state

@@ -109,12 +109,6 @@ def _same_objects(original, reconstructed) -> bool:
     )
 
 
-@torch.no_grad()
-def estimate_scale_factor(autoencoder, latents: torch.Tensor) -> float:
-    """1 / std of the latents, so the diffusion model sees unit-variance data (paper Sec. 3.1)."""
-    return float(1.0 / latents.flatten().std())
-
-
 def obtain_first_stage(cfg: DictConfig, dataset, reader, run_dir: Path):
     """Load ``autoencoder.pretrained``, reuse a cached first stage of the same config, or train
     one (and cache it). Then measure it, record the numbers and enforce the gate."""
