@@ -9,6 +9,7 @@ Routing (DESIGN.md, "Several conditions at once"):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -39,6 +40,25 @@ class ConditionEncoder(nn.Module):
             full = (batch_size, *shape, *latent_size) if injection == "concat" else (batch_size, *shape)
             out[injection] = torch.zeros(full, device=device)
         return out
+
+
+class FrozenReference:
+    """A module an encoder uses but does not own (e.g. the run's first stage).
+
+    Stored as a plain attribute it is not a submodule, so it stays out of the owner's
+    ``parameters()``, ``state_dict()``, optimizer, EMA and checkpoints; ``deepcopy`` of the owner
+    (the EMA copy) shares it instead of copying it, so every copy sees weights set later in place.
+    ``__call__`` gives the module; use it under ``torch.no_grad()``.
+    """
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def __call__(self) -> nn.Module:
+        return self._module
+
+    def __deepcopy__(self, memo: dict) -> "FrozenReference":
+        return self
 
 
 def check_outputs(name: str, encoder: ConditionEncoder) -> None:
@@ -96,18 +116,20 @@ class Conditioner(nn.Module):
         latent_size: tuple[int, int],
         present: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        keep: Mapping[str, torch.Tensor] | None = None,
     ) -> Conditioning:
         """Encode ``batch`` into routed conditioning.
 
         present: the conditions given (default all); the others take their null condition.
         In training mode each present condition is replaced by its null with its own dropout
-        probability, per sample (drawn from ``generator``).
+        probability, per sample: ``keep`` as drawn by ``draw_keep`` (rows of a larger batch's draw,
+        for data-parallel shards and micro-batches), or drawn here from ``generator``.
         """
         present = set(self.names if present is None else present)
         unknown = present - set(self.names)
         if unknown:
             raise KeyError(f"conditions {sorted(unknown)} are not part of this model; it has {self.names}")
-        device = next(self.parameters(), torch.empty(0)).device
+        device = next(itertools.chain(self.parameters(), self.buffers()), torch.empty(0)).device  # encoders may hold only buffers
         outputs: dict[str, Conditioning] = {}
         for name, encoder in self.encoders.items():
             null = encoder.null(batch_size, latent_size, device)
@@ -117,13 +139,22 @@ class Conditioner(nn.Module):
             encoded = encoder(batch)
             p = self.dropout[name]
             if self.training and p > 0:
-                keep = torch.rand(batch_size, generator=generator, device=device) >= p  # (B,)
-                encoded = {k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, null[k]) for k, v in encoded.items()}
+                if keep is None:
+                    keep = self.draw_keep(batch_size, generator)
+                kept = keep[name].to(device)  # (B,)
+                encoded = {k: torch.where(kept.view(-1, *[1] * (v.dim() - 1)), v, null[k]) for k, v in encoded.items()}
             outputs[name] = encoded
         return self.route(outputs)
 
     def null(self, batch_size: int, latent_size: tuple[int, int]) -> Conditioning:
         return self.forward({}, batch_size, latent_size, present=())
+
+    def draw_keep(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Condition dropout for ``batch_size`` samples: per condition with a dropout rate, a
+        (B,) bool that is True where the condition is kept (drawn on the generator's device)."""
+        device = generator.device if generator is not None else None
+        return {name: torch.rand(batch_size, generator=generator, device=device) >= p
+                for name, p in self.dropout.items() if p > 0}
 
     def route(self, outputs: Mapping[str, Conditioning]) -> Conditioning:
         concat, tokens, vectors = [], [], []

@@ -29,6 +29,9 @@ class FirstStageTrainConfig:
     lr: float = 3e-3
     warmup_steps: int = 100
     kl_weight: float = 1e-4
+    codebook_weight: float = 1.0  # VQ first stage: weight of codebook + beta * commitment loss (VQGAN's)
+    perceptual_weight: float = 1.0  # LPIPS term, used only when lpips_weights names a file
+    lpips_weights: Optional[str] = None  # local safetensors file (ldmcore/autoencoder/perceptual.py)
     edge_strength: float = 4.0
     latent_noise: float = 0.0
     discriminator_weight: float = 0.0
@@ -94,6 +97,9 @@ class TrainerConfig:
     sample_every: int = 0
     grid_columns: int = 10
     grid_rows: int = 18
+    device: str = choice("cpu", "cuda", default="cpu")  # where the denoiser trains (cuda: the local rank's GPU)
+    precision: str = choice("fp32", "bf16", default="fp32")  # bf16: autocast of the forward pass
+    grad_accumulation: int = 1  # micro-batches per update (batch_size stays the global batch)
 
 
 @dataclass
@@ -102,6 +108,9 @@ class RunConfig:
     seed: int = 0
     checkpoint: Optional[str] = None
     conditions: Optional[str] = None
+    present: Optional[List[str]] = None  # task=eval and run grids: the conditions given; None = all, [] = none
+    sample_scale: int = 1  # task=sample: images this many times the training resolution (convolutional sampling)
+    score_with: List[str] = field(default_factory=list)  # extra plugins scoring the samples (baselines of models without them)
     cache_dir: str = ".cache/ldmcore"
     num_threads: int = 0
     data: Any = None
@@ -140,6 +149,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         key = getattr(error, "full_key", None)
         raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {str(error).splitlines()[0]}") from None
     _check_choices(RunConfig, typed, "")
+    if typed.trainer.grad_accumulation < 1 or typed.trainer.batch_size % typed.trainer.grad_accumulation:
+        raise ConfigError(f"trainer.grad_accumulation={typed.trainer.grad_accumulation} must be >= 1 and divide "
+                          f"trainer.batch_size={typed.trainer.batch_size}")
+    if typed.sample_scale < 1:
+        raise ConfigError(f"sample_scale must be a whole number >= 1 (1 = the training resolution), got {typed.sample_scale}")
     for name, options in (typed.condition or {}).items():
         if "dropout" not in options:
             raise ConfigError(f"condition.{name} has no 'dropout' option (every condition config sets one)")
@@ -147,7 +161,15 @@ def validate(cfg: DictConfig) -> DictConfig:
     # conditions: its guidance options are checked once merged with the checkpoint's config.
     if typed.condition or not typed.checkpoint:
         check_guidance(typed.sampler, list(typed.condition or {}))
+        check_present(typed.present, list(typed.condition or {}))
     return typed
+
+
+def check_present(present: list[str] | None, conditions: list[str]) -> None:
+    """``present`` (the conditions an evaluation gives) may only name the model's conditions."""
+    unknown = sorted(set(present or ()) - set(conditions))
+    if unknown:
+        raise ConfigError(f"present names {unknown}, not conditions of this model (its conditions: {', '.join(conditions) or 'none'})")
 
 
 def check_guidance(sampler: DictConfig, conditions: list[str]) -> None:

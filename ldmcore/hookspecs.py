@@ -48,12 +48,21 @@ def ldmcore_batch_keys(options) -> list[str]:
 
 
 @hookspec(firstresult=True)
-def ldmcore_build_encoder(options, data):
+def ldmcore_build_encoder(options, data, latent_shape, first_stage):
     """Required. Build the condition encoder tau_theta: an :class:`ldmcore.conditioning.ConditionEncoder`.
 
     The encoder declares its injection(s) in ``encoder.outputs`` (a dict from ``"concat"``,
     ``"crossattn"`` or ``"vector"`` to the per-sample shape it produces), maps a batch to a dict
     with those keys, and gives its null condition (learned or zero) for guidance and dropout.
+    ``latent_shape`` is the first stage's latent (C, h, w) at ``data.resolution``: a concat
+    encoder brings its condition to that size (``data.resolution // h`` is the downsampling
+    factor). Sampling may use a larger latent (convolutional sampling), so a concat encoder
+    should scale its input by that factor rather than resize it to a fixed (h, w).
+    ``first_stage`` is the run's autoencoder, for an encoder that works in latent space (e.g. the
+    latent of a known image). Its weights and ``scale_factor`` are set only after this hook (trained,
+    cached or loaded from a checkpoint, always in place), so read them at call time, never copy them;
+    hold it without registering it as a submodule (``ldmcore.conditioning.FrozenReference``): it is
+    frozen, and not part of the denoiser's weights, optimizer, EMA or checkpoint.
     """
 
 
@@ -73,7 +82,24 @@ def ldmcore_format_value(batch, index, options, data):
     of ``batch``, as a conditions file would give it."""
 
 
+# --- sampling (optional) -----------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_finalize(images, batch, options, data):
+    """Optional. Post-process images decoded from samples that were given this condition:
+    ``images`` (B x 3 x H x W in [-1, 1]) and the ``batch`` of their conditions -> images of the
+    same shape (e.g. paste back pixels the condition fixes). Called after decoding, once for each
+    condition present; return a new tensor, never change ``images`` in place."""
+
+
 # --- evaluation and display (optional) ---------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ldmcore_draw_condition(batch, options, data):
+    """Optional. A picture of each sample's condition, B x 3 x H x W in [-1, 1] at the images'
+    size, shown beside each sample in the evaluation grid."""
 
 
 @hookspec(firstresult=True)
@@ -87,4 +113,5 @@ def ldmcore_grid_conditions(rows: int, columns: int, options, data):
 def ldmcore_score(images, batch, options, data) -> dict:
     """Optional. Faithfulness of generated ``images`` (B x 3 x H x W in [-1, 1]) to the
     conditions in ``batch``: a dict of named floats (e.g. ``{"class_accuracy": 0.97}``). Use
-    ``data.reader`` where the data source offers an exact reader of images."""
+    ``data.reader`` where the data source offers an exact reader of images. Scores are ratios in
+    [0, 1] unless their name ends in ``_db`` (decibels, e.g. ``psnr_db``)."""

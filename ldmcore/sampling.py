@@ -83,7 +83,8 @@ def generate(system, model, batch: Mapping, batch_size: int, sampler_cfg: DictCo
     (default: all of the model's); latent_shape: (C, h, w), default the training size;
     weak_model: the earlier EMA snapshot that autoguides samples with no condition present.
     Guidance: one scale per present condition (``sampler.guidance_scale`` / ``guidance_scales``),
-    combined as ``sampler.guidance`` says.
+    combined as ``sampler.guidance`` says. The decoded images pass through each present
+    condition's ``ldmcore_finalize`` hook, where a plugin implements one.
     """
     c, h, w = latent_shape or system.latent_shape
     conditioner, unet, process = model.conditioner, model.unet, system.process
@@ -100,5 +101,16 @@ def generate(system, model, batch: Mapping, batch_size: int, sampler_cfg: DictCo
         guided = guided_model(denoiser, conditioner, part, n, (h, w), sampler_cfg, present, weak)
         noise = torch.randn((n, c, h, w), generator=generator)
         z = sampler(guided, process.initial_noise(noise, sigmas[0]), sigmas, **options)
-        images.append(system.first_stage.decode(z / system.first_stage.scale_factor).clamp(-1, 1))
+        decoded = system.first_stage.decode(z / system.first_stage.scale_factor).clamp(-1, 1)
+        images.append(finalize(system, decoded, part, present))
     return torch.cat(images)
+
+
+def finalize(system, images: torch.Tensor, batch: Mapping, present: Iterable[str]) -> torch.Tensor:
+    """Each present condition's optional ``ldmcore_finalize`` on the decoded images (B x 3 x H x W)."""
+    for name in present:
+        condition = system.conditions[name]
+        if condition.implements("ldmcore_finalize"):
+            images = condition.call("ldmcore_finalize", images=images, batch=batch,
+                                    options=system.condition_options[name], data=system.data)
+    return images

@@ -16,6 +16,7 @@ from torch import nn
 from ldmcore.conditioning import Conditioner
 from ldmcore.config import ConfigError
 from ldmcore.data.base import DataInfo, data_info
+from ldmcore.data.skips import DataError
 from ldmcore.diffusion import NoiseProcess, NoiseSchedule
 from ldmcore.pluginmanager import Condition, installed
 
@@ -54,10 +55,16 @@ class LatentDiffusion:
 
 
 def build(what: str, node: DictConfig, **derived: Any) -> Any:
-    """``hydra.utils.instantiate`` with an error that names the config section."""
+    """``hydra.utils.instantiate`` with an error that names the config section (and any
+    required option, ``???`` in the config, that was not given)."""
+    missing = [key for key in node if OmegaConf.is_missing(node, key)]
+    if missing:
+        raise ConfigError(f"{what}.{missing[0]} is required: give it on the command line, e.g. {what}.{missing[0]}=...")
     try:
         return instantiate(node, **derived)
     except Exception as error:  # instantiate wraps constructor errors; surface the section name
+        if isinstance(error.__cause__, (ConfigError, DataError)):  # the constructor's own error names the option / file
+            raise error.__cause__ from None
         raise ConfigError(f"cannot build {what} from its config ({OmegaConf.to_container(node)}): {error}") from None
 
 
@@ -84,8 +91,13 @@ def check_batch_keys(conditions: dict[str, Condition], cfg: DictConfig, data: Da
             )
 
 
-def build_conditioner(cfg: DictConfig, conditions: dict[str, Condition], data: DataInfo) -> Conditioner:
-    encoders = {name: c.call("ldmcore_build_encoder", options=cfg.condition[name], data=data) for name, c in conditions.items()}
+def build_conditioner(cfg: DictConfig, conditions: dict[str, Condition], data: DataInfo,
+                      latent_shape: tuple[int, int, int], first_stage: nn.Module) -> Conditioner:
+    """One encoder per condition; ``latent_shape`` (C, h, w) at ``data.resolution`` tells concat encoders the latent size;
+    ``first_stage`` is handed to encoders that work in latent space (they hold it, unregistered)."""
+    encoders = {name: c.call("ldmcore_build_encoder", options=cfg.condition[name], data=data, latent_shape=latent_shape,
+                             first_stage=first_stage)
+                for name, c in conditions.items()}
     return Conditioner(encoders, {name: float(cfg.condition[name].dropout) for name in conditions})
 
 
@@ -100,8 +112,8 @@ def build_system(cfg: DictConfig, dataset=None, info: DataInfo | None = None) ->
     conditions = selected_conditions(cfg)
     check_batch_keys(conditions, cfg, info)
     first_stage = build("autoencoder.model", cfg.autoencoder.model)
-    conditioner = build_conditioner(cfg, conditions, info)
-    c = first_stage.latent_channels
+    c, f = first_stage.latent_channels, first_stage.downsample_factor
+    conditioner = build_conditioner(cfg, conditions, info, (c, info.resolution // f, info.resolution // f), first_stage)
     unet = build(
         "denoiser",
         cfg.denoiser,

@@ -3,6 +3,7 @@ file) and ``eval`` (score a checkpoint). Each writes into ``run_dir``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,8 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldmcore.config import ConfigError, validate
-from ldmcore.sampling import generate
+from ldmcore.data.base import DataInfo, skip_summary
+from ldmcore.sampling import generate, guidance_plan
+from ldmcore.pluginmanager import installed
 from ldmcore.system import build, build_system, set_threads
+from ldmcore.training import distributed
 from ldmcore.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
 from ldmcore.training.first_stage import obtain_first_stage
 from ldmcore.training.loop import LatentPool, train_denoiser
@@ -26,11 +30,17 @@ MODEL_SECTIONS = ("data", "autoencoder", "denoiser", "noise", "condition")
 # --- evaluation shared by train and eval -------------------------------------------------------
 
 
+def given_conditions(system, cfg: DictConfig) -> list[str]:
+    """The conditions an evaluation gives the model, in the model's order: ``present``, or all."""
+    return list(system.conditions) if cfg.present is None else [n for n in system.conditions if n in cfg.present]
+
+
 def grid_batch(system, dataset, cfg: DictConfig) -> tuple[dict, int, list[str] | None]:
-    """The conditions of the evaluation grid: rows from the first plugin that lays out a grid
+    """The conditions of the evaluation grid: rows from the first given plugin that lays out a grid
     (e.g. one row per class), the remaining batch keys drawn from the data source."""
     columns, rows, labels, planned = cfg.trainer.grid_columns, cfg.trainer.grid_rows, None, {}
-    for name, condition in system.conditions.items():
+    for name in given_conditions(system, cfg):
+        condition = system.conditions[name]
         if condition.implements("ldmcore_grid_conditions"):
             planned, labels = condition.call("ldmcore_grid_conditions", rows=rows, columns=columns,
                                               options=cfg.condition[name], data=system.data)
@@ -42,28 +52,60 @@ def grid_batch(system, dataset, cfg: DictConfig) -> tuple[dict, int, list[str] |
     return {**drawn, **planned}, n, labels
 
 
-def score(system, images: torch.Tensor, batch: dict) -> dict:
+def score(system, images: torch.Tensor, batch: dict, score_with=()) -> dict:
     scores = {}
     reader = system.data.reader
     if reader is not None:
         objects = reader.read_batch(images)
         scores["readable"] = sum(reader.readable(o) for o in objects) / len(objects)
-    for name, condition in system.conditions.items():
+    for name, (condition, options) in scoring_conditions(system, score_with).items():
         if condition.implements("ldmcore_score"):
-            scores.update(condition.call("ldmcore_score", images=images, batch=batch,
-                                         options=system.condition_options[name], data=system.data))
+            scores.update(condition.call("ldmcore_score", images=images, batch=batch, options=options, data=system.data))
     return scores
+
+
+def scoring_conditions(system, score_with=()) -> dict:
+    """The model's conditions with their options, then each ``score_with`` plugin the model lacks
+    with its default options (its own ``condition/NAME.yaml``): these score samples generated
+    without their condition, the baseline of a model trained without it."""
+    chosen = {name: (c, system.condition_options[name]) for name, c in system.conditions.items()}
+    registry = installed()
+    for name in score_with:
+        if name in chosen:
+            continue
+        try:
+            condition = registry.get(name)
+        except KeyError as error:
+            raise ConfigError(f"score_with: {error.args[0]}") from None
+        options = OmegaConf.load(Path(condition.call("ldmcore_config_dir")) / "condition" / f"{name}.yaml")
+        options.pop("defaults", None)
+        missing = [k for k in condition.call("ldmcore_batch_keys", options=options) if k not in system.data.provides]
+        if missing:
+            raise ConfigError(f"score_with: {name!r} reads batch keys {missing} that the data source {system.data.name} does not provide")
+        chosen[name] = (condition, options)
+    return chosen
+
+
+def condition_pictures(system, batch: dict) -> list[torch.Tensor]:
+    """The pictures of the grid's conditions (plugins implementing ``ldmcore_draw_condition``)."""
+    return [condition.call("ldmcore_draw_condition", batch=batch, options=system.condition_options[name], data=system.data).cpu()
+            for name, condition in system.conditions.items() if condition.implements("ldmcore_draw_condition")]
 
 
 def evaluate(system, model, dataset, cfg: DictConfig, run_dir: Path, grid_name: str = "samples.png") -> dict:
     start = time.perf_counter()
     batch, n, labels = grid_batch(system, dataset, cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    images = generate(system, model.eval(), batch, n, cfg.sampler, generator, weak_model=system.guide)
-    save_grid(images, Path(run_dir) / grid_name, cfg.trainer.grid_columns, labels)
-    scores = score(system, images, batch)
-    scores.update(samples=n, sampler=cfg.sampler.name, sampler_steps=cfg.sampler.steps,
+    present = given_conditions(system, cfg)
+    images = generate(system, model.eval(), batch, n, cfg.sampler, generator, present=present, weak_model=system.guide)
+    pictures = condition_pictures(system, batch)  # each (n, 3, H, W)
+    tiles = torch.stack([*pictures, images], dim=1).flatten(0, 1)  # each sample after the pictures of its conditions
+    save_grid(tiles, Path(run_dir) / grid_name, cfg.trainer.grid_columns * (1 + len(pictures)), labels)
+    scores = score(system, images, batch, cfg.get("score_with") or ())
+    scores["score_names"] = list(scores)  # which metrics are faithfulness scores (a guidance sweep plots them)
+    scores.update(present=present, samples=n, sampler=cfg.sampler.name, sampler_steps=cfg.sampler.steps,
                   guidance_scale=cfg.sampler.guidance_scale,
+                  guidance_scales=guidance_plan(cfg.sampler, list(system.conditions), present)[1],  # per present condition
                   autoguidance_scale=cfg.sampler.autoguidance_scale if system.guide is not None else None,
                   eval_seconds=time.perf_counter() - start)
     return scores
@@ -89,33 +131,55 @@ def check_same_model(saved: DictConfig, cfg: DictConfig, source) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage 1, stage 2, final grid and scores. Under torchrun (docs/scaling.md) rank 0 reads the
+    checkpoint, obtains the first stage, encodes the latent pool and writes every file; the other
+    ranks receive what it read or built and only train."""
     cfg = validate(cfg)
     set_threads(cfg)
-    torch.manual_seed(cfg.seed)
+    ctx = distributed.current()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     dataset = build("data", cfg.data)
     system = build_system(cfg, dataset)  # checks plugins and batch keys before any work
+    scoring_conditions(system, cfg.score_with)  # a bad score_with fails now, not after training
     resume = None
     if cfg.checkpoint:  # task=train with a checkpoint continues that run
-        tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
-        if saved_cfg is not None:
-            check_same_model(saved_cfg, cfg, folder)
+
+        def read_checkpoint() -> tuple[dict, dict, Path]:
+            tensors, state, saved_cfg, folder = load_checkpoint(cfg.checkpoint)
+            if saved_cfg is not None:
+                check_same_model(saved_cfg, cfg, folder)
+            return tensors, state, folder
+
+        tensors, state, folder = distributed.on_main(read_checkpoint, ctx)
         load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
         system.first_stage.eval().requires_grad_(False)
         resume = {"tensors": tensors, "state": state, "folder": folder}
         first_stage_record = {"source": str(folder), "resumed": True}
     else:
-        system.first_stage, first_stage_record = obtain_first_stage(cfg, dataset, system.data.reader, run_dir)
+
+        def first_stage() -> dict:
+            obtained, record = obtain_first_stage(cfg, dataset, system.data.reader, run_dir)
+            # In place, never a new object: condition encoders built with the first stage hold this one.
+            system.first_stage.load_state_dict(obtained.state_dict())
+            return record
+
+        first_stage_record = distributed.on_main(first_stage, ctx)
+        distributed.broadcast_module(system.first_stage, ctx)  # rank 0's weights on every rank
+        system.first_stage.eval().requires_grad_(False)
     first_stage_seconds = time.perf_counter() - start
 
-    pool = LatentPool.encode(system.first_stage, dataset, seed=cfg.seed)
+    pool = distributed.on_main(lambda: LatentPool.encode(system.first_stage, dataset, seed=cfg.seed), ctx)
     if resume is not None:
         pool.scale_factor = resume["state"]["scale_factor"]
     system.first_stage.scale_factor.fill_(pool.scale_factor)
     result = train_denoiser(system, dataset, pool, cfg, run_dir, resume,
                             on_sample=lambda step, ema: evaluate(system, ema, dataset, cfg, run_dir, f"samples/step_{step:07d}.png"))
+    if not ctx.is_main:  # rank 0 writes the grid and the metrics
+        return {key: result[key] for key in ("stopped_by", "step", "skipped_steps")}
     if result["stopped_by"]:  # SIGTERM / SIGINT: the checkpoint is written; leave without the final grid
         stopped = {**{key: result[key] for key in ("stopped_by", "step", "skipped_steps")}, "checkpoint": str(result["checkpoint"])}
         write_json(run_dir / "metrics.json", stopped)
@@ -129,6 +193,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         total_seconds=time.perf_counter() - start,
         checkpoint=str(result["checkpoint"]),
         skipped_steps=result["skipped_steps"],
+        data_skips=skip_summary(dataset),
         resumed_from=str(resume["folder"]) if resume else None,
         conditions=list(system.conditions),
         seed=cfg.seed,
@@ -167,6 +232,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
     cfg = validate(cfg)
     set_threads(cfg)
     system, dataset, merged = load_trained(cfg)
+    scoring_conditions(system, cfg.score_with)  # before sampling
     metrics = evaluate(system, system.model, dataset, merged, run_dir)
     metrics["checkpoint"] = str(cfg.checkpoint)
     write_json(Path(run_dir) / "metrics.json", metrics)
@@ -176,9 +242,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
 # --- sample from a conditions file -------------------------------------------------------------
 
 
-def read_conditions(path: Path, system) -> list[tuple[dict, dict]]:
+def read_conditions(path: Path, system, data: DataInfo | None = None) -> list[tuple[dict, dict]]:
     """Each line: ``{condition: user value}``. Returns (line, parsed batch keys) per line; any
-    bad line stops the run before sampling, naming the file, line and condition."""
+    bad line stops the run before sampling, naming the file, line and condition. Values are read
+    against ``data`` (default the model's data; its resolution is the output's)."""
+    data = data or system.data
     if not path.is_file():
         raise ConfigError(f"conditions file {path} does not exist")
     entries = []
@@ -199,7 +267,7 @@ def read_conditions(path: Path, system) -> list[tuple[dict, dict]]:
         for name, value in line.items():
             try:
                 parsed.update(system.conditions[name].call("ldmcore_parse_value", value=value,
-                                                          options=system.condition_options[name], data=system.data))
+                                                          options=system.condition_options[name], data=data))
             except ValueError as error:
                 raise ConfigError(f"{where}: condition {name!r}: {error}") from None
         entries.append((line, parsed))
@@ -222,7 +290,11 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.conditions:
         raise ConfigError("task=sample needs conditions=FILE (JSON lines, one {condition: value} object per image)")
     system, _, merged = load_trained(cfg)
-    entries = read_conditions(Path(cfg.conditions).expanduser(), system)
+    # Convolutional sampling (paper Sec. 4.3.2): a larger latent, and conditions read at the output size.
+    scale = cfg.sample_scale
+    c, h, w = system.latent_shape
+    output_data = dataclasses.replace(system.data, resolution=system.data.resolution * scale)
+    entries = read_conditions(Path(cfg.conditions).expanduser(), system, output_data)
     run_dir = Path(run_dir)
     generator = torch.Generator().manual_seed(cfg.seed)
     groups: dict[tuple, list[int]] = {}
@@ -232,7 +304,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     for present, indices in groups.items():
         batch = collate([entries[i][1] for i in indices]) if present else {}
         images = generate(system, system.model, batch, len(indices), merged.sampler, generator, present=present,
-                          weak_model=system.guide)
+                          latent_shape=(c, h * scale, w * scale), weak_model=system.guide)
         for i, image in zip(indices, images):
             files[i] = f"{i:06d}.png"
             save_image(image, run_dir / files[i])

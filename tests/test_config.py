@@ -8,6 +8,7 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+import real_data
 from conftest import compose_config
 from ldmcore.config import ConfigError, validate
 from ldmcore.data.base import data_info
@@ -24,8 +25,9 @@ GROUP_OPTIONS = [
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}/{o}" for g, o in GROUP_OPTIONS])
-def test_every_group_option_composes_and_builds(group, option):
-    cfg = validate(compose_config([f"{group}={option}", "+experiment=tiny"]))
+def test_every_group_option_composes_and_builds(group, option, tmp_path):
+    files = real_data.required_options(option, tmp_path) if group == "data" else []  # real data sources need files
+    cfg = validate(compose_config([f"{group}={option}", "+experiment=tiny", *files]))
     dataset = build("data", cfg.data)
     system = build_system(cfg, dataset)
     assert system.first_stage.latent_channels == cfg.autoencoder.model.latent_channels

@@ -86,6 +86,15 @@ def test_eval_writes_metrics(class_run, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["class_accuracy"] == metrics["class_accuracy"]
 
 
+def test_eval_scores_with_plugins_the_model_lacks(class_run, tmp_path):
+    """score_with: the baseline of a model trained without a condition, scored by that condition's metric."""
+    root, _ = class_run
+    metrics = evaluate_checkpoint(compose_config([f"checkpoint={root / 'run'}", "+experiment=tiny", "score_with=[text]"]), tmp_path)
+    assert 0.0 <= metrics["caption_accuracy"] <= 1.0 and "class_accuracy" in metrics
+    with pytest.raises(ConfigError, match="score_with.*nosuch"):
+        evaluate_checkpoint(compose_config([f"checkpoint={root / 'run'}", "+experiment=tiny", "score_with=[nosuch]"]), tmp_path)
+
+
 def test_checkpoint_not_matching_the_config_lists_the_keys(class_run, tmp_path):
     root, metrics = class_run
     tensors = load_file(os.path.join(metrics["checkpoint"], "model.safetensors"))

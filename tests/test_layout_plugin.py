@@ -56,6 +56,28 @@ def test_tokens_of_one_object():
     assert full[2:4].tolist() == [18, 18 + 255]  # corners at the image corners stay on the grid
 
 
+def test_corner_features_encode_position_smoothly():
+    vocab = LayoutVocabulary(num_classes=18, bins=16, max_objects=3)
+    table = vocab.corner_features(4)  # (size, 16)
+    assert table.shape == (vocab.size, 16)
+    assert table[:18].abs().sum() == 0 and table[vocab.pad:].abs().sum() == 0  # classes, pad, start: no features
+    cell = lambda x, y: table[18 + y * 16 + x]
+    near, far = (cell(5, 5) - cell(6, 5)).norm(), (cell(5, 5) - cell(13, 12)).norm()
+    assert near < far / 2
+    assert len({tuple(row.tolist()) for row in table[18:18 + 256]}) == 256  # every cell distinct
+
+
+def test_corner_features_change_the_encoding(layout, world, info):
+    batch = world.batch([0, 1])
+    torch.manual_seed(0)
+    plain = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=0), data=info)
+    torch.manual_seed(0)
+    fourier = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=4), data=info)
+    assert fourier.corner_projection is not None and plain.corner_projection is None
+    assert "corner_table" not in fourier.state_dict()  # rebuilt from the vocabulary, not saved
+    assert not torch.allclose(plain(batch)["crossattn"], fourier(batch)["crossattn"])
+
+
 def test_tokens_follow_reading_order_whatever_the_given_order():
     vocab = LayoutVocabulary(num_classes=18, bins=16, max_objects=3)
     boxes = torch.tensor([[0.6, 0.1, 0.9, 0.4], [0.1, 0.5, 0.4, 0.8]])

@@ -29,6 +29,7 @@ from ldmcore.nn import (
     SpatialTransformer,
     Upsample,
     normalization,
+    reuse_context,
     timestep_embedding,
 )
 
@@ -371,3 +372,64 @@ def test_unet_trains_one_step():
     loss = F.mse_loss(unet(x, torch.rand(2) * 999, context), torch.randn_like(x))
     loss.backward()
     assert unet.out[2].weight.grad.abs().sum() > 0  # the zero output conv gets gradient
+
+
+# ------------------------------------------------------------------- fast paths (same numbers)
+
+
+def test_inference_fast_paths_equal_the_autograd_path_and_leave_inputs_alone():
+    # Without autograd the blocks write into their own intermediates; the result must not change
+    # and neither x nor the context may be touched.
+    unet = perturb_(tiny_unet(context_dim=8, use_linear_proj=True))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 3, 8)
+    x_copy, context_copy = x.clone(), context.clone()
+    with_grad = unet(x, t, context)
+    assert with_grad.requires_grad
+    with torch.inference_mode():
+        fast = unet(x, t, context)
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(x, x_copy) and torch.equal(context, context_copy)
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_channels_last_input_gives_the_same_output_in_its_own_layout(use_linear):
+    unet = perturb_(tiny_unet(context_dim=8, use_linear_proj=use_linear))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 3, 8)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(unet(x_cl, t, context), unet(x, t, context), rtol=1e-5, atol=1e-5)
+    st = perturb_(SpatialTransformer(32, num_heads=4, head_dim=8, context_dim=8, use_linear=use_linear))
+    h = torch.randn(2, 32, 4, 5)
+    out = st(h.contiguous(memory_format=torch.channels_last), context)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, st(h, context), rtol=1e-5, atol=1e-5)
+
+
+def test_reuse_context_projects_each_context_once_with_equal_outputs():
+    unet = perturb_(tiny_unet(context_dim=8))
+    cross = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    assert cross and all(m.context_cache is None for m in cross)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = [unet(x, t, context), unet(x + 0.5, t, context), unet(x, t, context + 1)]
+        with reuse_context(unet):
+            got = [unet(x, t, context)]
+            assert all(len(m.context_cache) == 1 for m in cross)
+            got.append(unet(x + 0.5, t, context))  # same context: its keys and values come from the cache
+            assert all(len(m.context_cache) == 1 for m in cross)
+            context.add_(1)  # changed in place: its version moves on, so it is projected anew
+            got.append(unet(x, t, context))
+            assert all(len(m.context_cache) == 2 for m in cross)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert all(m.context_cache is None for m in cross)  # dropped when the block closes
+
+
+def test_reuse_context_does_not_cache_under_autograd():
+    unet = perturb_(tiny_unet(context_dim=8))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 3, 8, requires_grad=True)
+    with reuse_context(unet):
+        unet(x, t, context).sum().backward()
+        unet(x, t, context).sum().backward()  # no graph shared between the two passes
+        assert all(not m.context_cache for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
+    assert context.grad is not None
+

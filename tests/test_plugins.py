@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldmcore.autoencoder import KLAutoencoder
 from ldmcore.conditioning import INJECTIONS, ConditionEncoder
 from ldmcore.data.base import data_info
 from ldmcore.data.shapes import ShapesWorld
@@ -48,7 +49,9 @@ def test_contract(name, world):
     keys = condition.call("ldmcore_batch_keys", options=options)
     assert keys and set(keys) <= set(info.provides)
     # the encoder declares its injections and produces exactly those shapes, for data and for null
-    encoder = condition.call("ldmcore_build_encoder", options=options, data=info)
+    first_stage = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), latent_channels=4)  # f=4: 32 px -> LATENT
+    encoder = condition.call("ldmcore_build_encoder", options=options, data=info, latent_shape=(4, *LATENT),
+                             first_stage=first_stage)
     assert isinstance(encoder, ConditionEncoder) and set(encoder.outputs) <= set(INJECTIONS)
     batch = world.batch(list(range(6)))
     out, null = encoder(batch), encoder.null(6, LATENT, torch.device("cpu"))
@@ -62,6 +65,12 @@ def test_contract(name, world):
         value = condition.call("ldmcore_format_value", batch=batch, index=i, options=options, data=info)
         json.dumps(value)
         parsed = condition.call("ldmcore_parse_value", value=value, options=options, data=info)
+        if set(parsed) - set(batch):  # the plugin's own keys (e.g. a palette derived from the labels):
+            one = {key: [v] for key, v in parsed.items()}  # they format back and encode as sample i does
+            assert condition.call("ldmcore_format_value", batch=one, index=0, options=options, data=info) == value
+            for injection, encoded in encoder(one).items():
+                assert torch.allclose(encoded[0], out[injection][i], atol=1e-5)  # a batch of 1 vs 6: rounding
+            continue
         for key, v in parsed.items():
             expected = batch[key][i]
             if isinstance(expected, str):  # e.g. a caption: batch keys may hold python values
@@ -71,8 +80,9 @@ def test_contract(name, world):
     # scoring ground-truth images of their own conditions is perfect
     if condition.implements("ldmcore_score"):
         scores = condition.call("ldmcore_score", images=batch["image"], batch=batch, options=options, data=info)
-        assert scores and all(0.0 <= v <= 1.0 for v in scores.values())
-        assert max(scores.values()) == 1.0
+        ratios = {k: v for k, v in scores.items() if not k.endswith("_db")}  # decibels (PSNR) are not ratios
+        assert ratios and all(0.0 <= v <= 1.0 for v in ratios.values())
+        assert max(ratios.values()) == 1.0
 
 
 @pytest.mark.parametrize("name", CONDITIONS)

@@ -14,7 +14,7 @@ from ldmcore.config import validate
 from ldmcore.data.base import DataInfo, data_info
 from ldmcore.data.shapes import ShapesWorld
 from ldmcore.pluginmanager import installed
-from ldmcore_plugins.text.tokenizer import BEGIN, END, PAD, Tokenizer, fit_sentencepiece, obtain_tokenizer
+from ldmcore.nn.tokenizer import BEGIN, END, PAD, Tokenizer, fit_sentencepiece, obtain_tokenizer
 
 LATENT = (8, 8)
 
@@ -179,7 +179,12 @@ def test_parse_and_format(text, world, info):
 def test_caption_accuracy_of_true_and_of_swapped_captions(text, world, info):
     batch = world.batch(list(range(8)))
     scores = text.call("ldmcore_score", images=batch["image"], batch=batch, options=options(), data=info)
-    assert scores == {"caption_accuracy": 1.0}
+    assert scores["caption_accuracy"] == 1.0 and scores["caption_accuracy_1_2"] == 1.0
+    counts = {len(b) for b in batch["boxes"]}  # objects per scene
+    assert {k for k in scores if "/" in k} == {f"caption_accuracy/{n}" for n in counts}
+    assert all(v == 1.0 for v in scores.values())
+    blank = torch.full_like(batch["image"], batch["image"][0, :, 0, 0].mean())  # nothing to read
+    assert all(v == 0.0 for v in text.call("ldmcore_score", images=blank, batch=batch, options=options(), data=info).values())
     shifted = {**batch, "caption": batch["caption"][1:] + batch["caption"][:1]}
     assert text.call("ldmcore_score", images=batch["image"], batch=shifted, options=options(), data=info)["caption_accuracy"] < 0.5
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..nn.attention import SpatialSelfAttention
 from ..nn.blocks import Downsample, ResBlock, Upsample, normalization
+from .interface import LatentAutoencoder, Reconstruction
+from .tiling import tiled
 
 # The first stage's GroupNorm eps (CompVis ldm/modules/diffusionmodules/model.py: Normalize).
 _EPS = 1e-6
@@ -137,15 +139,15 @@ def _mid_block(channels: int, attention: bool, num_groups: int, res_blocks: int)
     return nn.Sequential(*layers)
 
 
-class KLAutoencoder(nn.Module):
+class KLAutoencoder(LatentAutoencoder):
     """KL-regularized autoencoder with downsample factor f = 2 ** (len(channel_mult) - 1).
 
     channel_mult: width of each level as a multiple of base_channels, e.g. base_channels=16,
         channel_mult=(1, 4, 8) gives 16 → 64 → 128 at f=4; (1,) is f=1, (1, 2) f=2, (1, 2, 2)
-        f=4, (1, 2, 2, 4) f=8.
+        f=4, (1, 2, 4, 4) f=8 and (1, 1, 2, 2, 4) f=16 (the paper's kl-f8 / kl-f16), one more
+        level per further factor 2.
     encoder_res_blocks / decoder_res_blocks: ResBlocks per level on each side.
-    scale_factor: multiplies latents before diffusion; a buffer, so it is saved with the weights.
-        Assigning a number (``ae.scale_factor = 1 / std``) writes it into the buffer.
+    scale_factor: multiplies latents before diffusion; a buffer (see LatentAutoencoder).
 
     The last three options exist to hold the reference first stage (Stable Diffusion's VAE:
     base_channels=128, channel_mult=(1, 2, 4, 4), encoder_res_blocks=2, decoder_res_blocks=3,
@@ -170,7 +172,7 @@ class KLAutoencoder(nn.Module):
         quant_conv: bool = False,
         asymmetric_downsample: bool = False,
     ):
-        super().__init__()
+        super().__init__(scale_factor)
         if not channel_mult:
             raise ValueError("channel_mult needs at least one level")
         widths = [base_channels * m for m in channel_mult]
@@ -186,35 +188,42 @@ class KLAutoencoder(nn.Module):
             self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         else:
             self.quant_conv = self.post_quant_conv = None
-        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-
-    def __setattr__(self, name: str, value) -> None:
-        # Let ``scale_factor`` be set like the float it stands for while it stays a buffer.
-        if name == "scale_factor" and isinstance(value, (int, float)) and "scale_factor" in self._buffers:
-            self._buffers["scale_factor"].fill_(float(value))
-            return
-        super().__setattr__(name, value)
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The decoder's output-conv weight, where the adaptive GAN weight compares gradients."""
-        return self.decoder.conv_out.weight
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: (B, in_channels, H, W) in [-1, 1], H and W divisible by f.
         Returns the posterior over unscaled latents (B, latent_channels, H/f, W/f)."""
+        return DiagonalGaussian.from_moments(self._moments(x))
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W) -> posterior mean and log-variance (B, 2·latent_channels, H/f, W/f)."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by f={self.downsample_factor}")
-        moments = self.encoder(x)  # (B, 2·latent_channels, H/f, W/f)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: unscaled latent (B, latent_channels, h, w) -> raw image (B, in_channels, h·f, w·f)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def encode_tiled(self, x: torch.Tensor, tile: int, overlap: int) -> DiagonalGaussian:
+        """``encode`` tile by tile (tile and overlap in image pixels, multiples of f); the
+        posterior's moments are cross-faded where tiles overlap (ldmcore/autoencoder/tiling.py)."""
+        return DiagonalGaussian.from_moments(tiled(self._moments, x, tile, overlap, down=self.downsample_factor))
+
+    def reconstruct(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, latent_noise: float = 0.0
+    ) -> Reconstruction:
+        """The training forward: decode a posterior sample (plus ``latent_noise``·N(0, I), which
+        makes the decoder robust to slightly-off latents). losses["kl"] is KL(q ‖ N(0, I)) per
+        latent element, so its weight does not depend on the latent size."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator)  # (B, latent_channels, H/f, W/f)
+        if latent_noise > 0:
+            z = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        kl = posterior.kl().mean() / z[0].numel()
+        return Reconstruction(self.decode(z), {"kl": kl}, {"kl": kl.item()})
 
     def forward(
         self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None

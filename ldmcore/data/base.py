@@ -60,3 +60,16 @@ def data_info(dataset) -> DataInfo:
         reader=getattr(dataset, "reader", None),
         values=partial(pool_values, dataset) if enumerable else None,
     )
+
+
+def skipped_items(dataset) -> int:
+    """How many items the data source skipped so far (0 for a source that never skips)."""
+    skips = getattr(dataset, "skips", None)
+    return skips.total if skips is not None else 0
+
+
+def skip_summary(dataset) -> dict | None:
+    """The source's skips for a run's metrics (total, per reason, examples); None for a source
+    that never skips (see ldmcore.data.skips)."""
+    skips = getattr(dataset, "skips", None)
+    return skips.summary() if skips is not None else None

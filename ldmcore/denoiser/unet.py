@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import SpatialTransformer
-from ..nn.blocks import Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
+from ..nn.blocks import Downsample, ResBlock, Upsample, normalization, silu_, timestep_embedding, zero_module
 
 
 class EmbedSequential(nn.Sequential):
@@ -179,4 +179,5 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, h', w')
-        return self.out(h)
+        norm, _, conv = self.out
+        return conv(silu_(norm(h)))

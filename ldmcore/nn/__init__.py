@@ -7,6 +7,7 @@ from .attention import (
     FeedForward,
     SpatialSelfAttention,
     SpatialTransformer,
+    reuse_context,
 )
 from .blocks import Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
 
@@ -21,6 +22,7 @@ __all__ = [
     "SpatialTransformer",
     "Upsample",
     "normalization",
+    "reuse_context",
     "timestep_embedding",
     "zero_module",
 ]

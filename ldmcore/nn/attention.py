@@ -4,17 +4,23 @@ and the SpatialTransformer that the UNet interleaves with its ResBlocks.
 Cross-attention is the paper's conditioning mechanism (Rombach et al. 2022, Sec. 3.3):
 Q = W_Q·φ(z_t), K = W_K·τθ(y), V = W_V·τθ(y), Attention = softmax(QKᵀ/√d)·V.
 Module names follow CompVis ``ldm/modules/attention.py`` (attn1 / attn2 / ff, to_q / to_k /
-to_v / to_out, proj_in / proj_out) so Stable Diffusion weights load by name.
+to_v / to_out, proj_in / proj_out) so Stable Diffusion weights load by name. The forward passes
+use those weights as they are, in fewer and larger matrix products: q, k and v of self-attention
+in one, k and v of cross-attention in one, and the transformer's projections directly on the
+token layout (no copy into or out of it). `reuse_context` lets a sampler project a context once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .blocks import normalization, zero_module
+from .blocks import add_, normalization, zero_module
 
 
 class Attention(nn.Module):
@@ -36,20 +42,68 @@ class Attention(nn.Module):
         inner_dim = num_heads * head_dim
         kv_dim = context_dim if context_dim is not None else query_dim
         self.num_heads = num_heads
+        self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        # context -> (k, v) while a `reuse_context` block is open, else None
+        self.context_cache: dict | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, query_dim); context: (B, L, context_dim) or None. Returns (B, N, query_dim)."""
-        context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, heads, N, d)
-        k = rearrange(self.to_k(context), "b l (h d) -> b h l d", h=self.num_heads)  # (B, heads, L, d)
-        v = rearrange(self.to_v(context), "b l (h d) -> b h l d", h=self.num_heads)  # (B, heads, L, d)
+        if context is None:
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3·inner, query_dim)
+            qkv = F.linear(x, w)  # (B, N, 3·inner): one product instead of three
+            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # views
+        else:
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, heads, N, d)
+            k, v = self.keys_values(context)  # (B, heads, L, d) each
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d), scale 1/√d
-        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, heads·d)
-        return self.to_out(out)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, query_dim)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context (B, L, context_dim), each (B, heads, L, d), from one matrix
+        product; taken from the cache inside a `reuse_context` block when autograd is off."""
+        use_cache = self.context_cache is not None and not torch.is_grad_enabled()
+        if use_cache:
+            key = _tensor_key(context)
+            if key in self.context_cache:
+                return self.context_cache[key][1:]
+        w = torch.cat([self.to_k.weight, self.to_v.weight])  # (2·inner, context_dim)
+        k, v = rearrange(F.linear(context, w), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        if use_cache:
+            self.context_cache[key] = (context, k, v)  # holding context keeps its memory from reuse
+        return k, v
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents while it is alive: its memory, shape and strides, and its
+    version counter (bumped by in-place changes; inference tensors have none and must not change)."""
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), version)
+
+
+@contextmanager
+def reuse_context(module: nn.Module) -> Iterator[None]:
+    """Within the block, every cross-attention layer of ``module`` projects a context to keys and
+    values once and reuses them whenever the same context tensor (same memory, unchanged) comes
+    back. A sampler hands the denoiser one context at every step, so this saves the context
+    projections — 2·B·L·context_dim·inner FLOPs per layer, as much as the query side at low
+    resolutions — at every step but the first. Only without autograd (sampling); with it enabled
+    the layers compute as usual.
+
+        with reuse_context(unet):
+            x0 = sample_ddim(model, x, sigmas)
+    """
+    layers = [m for m in module.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    for layer in layers:
+        layer.context_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.context_cache = None
 
 
 class GEGLU(nn.Module):
@@ -60,8 +114,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)  # 2 × (..., dim_out)
-        return x * F.gelu(gate)
+        x, gate = self.proj(x).chunk(2, dim=-1)  # 2 × (..., dim_out), views
+        gate = F.gelu(gate)
+        return x * gate if gate.requires_grad else gate.mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -102,22 +157,23 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, dim); context: (B, L, context_dim), required iff built with context_dim."""
-        x = self.attn1(self.norm1(x)) + x
+        x = add_(self.attn1(self.norm1(x)), x)
         if self.attn2 is not None:
             if context is None:
                 raise ValueError("this transformer block has cross-attention and needs a context")
-            x = self.attn2(self.norm2(x), context) + x
+            x = add_(self.attn2(self.norm2(x), context), x)
         elif context is not None:
             raise ValueError("a context was given to a transformer block built without cross-attention")
-        return self.ff(self.norm3(x)) + x
+        return add_(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, with a residual around it:
     GroupNorm → proj_in → depth × BasicTransformerBlock → proj_out (zero-init) → + input.
 
-    use_linear False: proj_in/proj_out are 1×1 convs applied on the map (SD 1.x); True: linear
-    layers applied on the token sequence (SD 2.x). The GroupNorm eps 1e-6 matches the reference.
+    use_linear False: proj_in/proj_out are held as 1×1 convs (SD 1.x); True: as linear layers
+    (SD 2.x). The arithmetic is the same (a per-pixel matrix product, applied here on the token
+    layout); only the checkpoint layout differs. The GroupNorm eps 1e-6 matches the reference.
     """
 
     def __init__(
@@ -134,7 +190,6 @@ class SpatialTransformer(nn.Module):
     ):
         super().__init__()
         inner_dim = num_heads * head_dim
-        self.use_linear = use_linear
         self.norm = normalization(in_channels, num_groups, eps)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
@@ -147,22 +202,22 @@ class SpatialTransformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W); context: (B, L, context_dim) or None. Returns (B, C, H, W)."""
-        height, width = x.shape[-2:]
-        h = self.norm(x)
-        if not self.use_linear:
-            h = self.proj_in(h)  # (B, inner, H, W)
-        h = rearrange(h, "b c h w -> b (h w) c").contiguous()  # (B, H·W, C|inner)
-        if self.use_linear:
-            h = self.proj_in(h)  # (B, H·W, inner)
+        """x: (B, C, H, W), either memory format; context: (B, L, context_dim) or None.
+        Returns (B, C, H, W) in x's memory format."""
+        batch, height = x.shape[0], x.shape[2]
+        # proj_in / proj_out as matrices, whichever layer type holds them (1×1 conv or linear)
+        w_in, w_out = self.proj_in.weight.flatten(1), self.proj_out.weight.flatten(1)  # (inner, C), (C, inner)
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, H·W, C), a view of either layout
+        h = torch.baddbmm(self.proj_in.bias, tokens, w_in.t().expand(batch, -1, -1))  # (B, H·W, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.use_linear:
-            h = self.proj_out(h)  # (B, H·W, C)
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous()  # (B, C|inner, H, W)
-        if not self.use_linear:
-            h = self.proj_out(h)  # (B, C, H, W)
-        return h + x
+        if x.is_contiguous():  # (B, C, H·W) = proj_out · hᵀ is x's layout
+            out = torch.baddbmm(self.proj_out.bias[:, None], w_out.expand(batch, -1, -1), h.transpose(1, 2))
+            out = out.view(x.shape)
+        else:  # channels-last: (B, H·W, C) is x's layout
+            out = torch.baddbmm(self.proj_out.bias, h, w_out.t().expand(batch, -1, -1))
+            out = rearrange(out, "b (h w) c -> b c h w", h=height)
+        return add_(out, x)
 
 
 class SpatialSelfAttention(nn.Module):

@@ -4,6 +4,10 @@ The layout follows the ADM / CompVis UNet (Dhariwal & Nichol 2021; Rombach et al
 ``ldm/modules/diffusionmodules/openaimodel.py``) so that pretrained weights map onto it by name:
 a ResBlock is ``in_layers`` (norm, SiLU, conv), ``emb_layers`` (SiLU, linear), ``out_layers``
 (norm, SiLU, dropout, conv) and ``skip_connection``.
+
+Activations and residual sums are written into the block's own intermediates when autograd does
+not need them (inference, ``torch.no_grad``): on a CPU a fresh activation-sized allocation costs
+page faults that often exceed the element-wise op itself.
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def silu_(h: torch.Tensor) -> torch.Tensor:
+    """SiLU of ``h``, a tensor the caller just computed and owns: in place unless autograd needs h."""
+    return F.silu(h, inplace=not h.requires_grad)
+
+
+def add_(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """h + other (other broadcast to h's shape), written into h, a tensor the caller just computed
+    and owns, unless autograd needs h."""
+    return h + other if h.requires_grad else h.add_(other)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -124,10 +139,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); emb: (B, emb_channels) or None. Returns (B, C_out, H, W)."""
-        h = self.in_layers(x)  # (B, C_out, H, W)
+        # The Sequentials hold the layers under their checkpoint names; the activations are
+        # applied here, in place where allowed (see the module docstring).
+        norm, _, conv = self.in_layers
+        h = conv(silu_(norm(x)))  # (B, C_out, H, W)
         if self.emb_layers is not None:
             if emb is None:
                 raise ValueError("this ResBlock was built with emb_channels and needs an embedding")
-            h = h + self.emb_layers(emb)[:, :, None, None]  # broadcast (B, C_out, 1, 1)
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
+            h = add_(h, self.emb_layers(emb)[:, :, None, None])  # broadcast (B, C_out, 1, 1)
+        norm, _, dropout, conv = self.out_layers
+        h = conv(dropout(silu_(norm(h))))
+        return add_(h, self.skip_connection(x))

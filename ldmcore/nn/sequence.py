@@ -69,13 +69,16 @@ class SequenceTransformer(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, ff_mult, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, L) int64 in [0, vocab_size), L <= max_length; keep: (B, L) bool or None,
-        with at least one True per row (a row of padding only has nothing to attend to)."""
+        with at least one True per row (a row of padding only has nothing to attend to);
+        extra: (B, L, dim) or None, added to the embeddings (e.g. features of what a token stands for)."""
         length = tokens.shape[1]
         if length > self.max_length:
             raise ValueError(f"a sequence of {length} tokens is longer than max_length={self.max_length}")
         x = self.token_embedding(tokens) + self.position_embedding[:length]  # (B, L, dim)
+        if extra is not None:
+            x = x + extra
         for layer in self.layers:
             x = layer(x, keep)
         return self.norm(x)

@@ -22,7 +22,15 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ldmcore.autoencoder.losses import reconstruction_loss
-from ldmcore.training.checkpoint import MODEL_FILE, load_module_state, module_tensors, resolve_checkpoint, save_checkpoint
+from ldmcore.config import ConfigError, FirstStageTrainConfig
+from ldmcore.training.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    load_module_state,
+    module_tensors,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from ldmcore.training.optim import lr_factor
 
 log = logging.getLogger(__name__)
@@ -39,10 +47,23 @@ def cache_key(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# The option that weighs each regularizer term a first stage's ``reconstruct`` returns.
+REGULARIZER_WEIGHTS = {"kl": "kl_weight", "codebook": "codebook_weight"}
+
+
 def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> list[dict]:
-    """Reconstruction (edge-weighted L1 + L2) + kl_weight * KL, optionally + a patch discriminator."""
+    """Train with the paper's first-stage loss: reconstruction (edge-weighted L1 + L2)
+    + perceptual_weight · LPIPS (when ``lpips_weights`` names a file) + the first stage's
+    regularizer (kl_weight · KL, or codebook_weight · the VQ loss) + from ``discriminator_start``
+    on, a patch discriminator with adaptive weight (when discriminator_weight > 0).
+
+    options: ``autoencoder.train`` (missing options take FirstStageTrainConfig's defaults).
+    Returns the history, every 50 steps and at the last: loss terms and the first stage's
+    metrics (e.g. codebook perplexity and usage)."""
+    options = OmegaConf.merge(OmegaConf.structured(FirstStageTrainConfig), options)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=options.lr, weight_decay=0.0)
+    perceptual = _perceptual(options)
     discriminator = _discriminator(options)
     history = []
     autoencoder.train()
@@ -52,29 +73,51 @@ def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> l
         for group in optimizer.param_groups:
             group["lr"] = options.lr * lr_factor(step, options.steps, options.warmup_steps, "cosine")
         x = dataset.batch(torch.randint(len(dataset), (options.batch_size,), generator=generator).tolist())["image"]
-        posterior = autoencoder.encode(x)
-        z = posterior.sample(generator=generator)
-        if options.latent_noise > 0:  # robustness of the decoder to slightly-off latents (CALIBRATION.md)
-            z = z + options.latent_noise * torch.randn(z.shape, generator=generator)
-        recon = autoencoder.decode(z)
-        rec = reconstruction_loss(x, recon, edge_strength=options.edge_strength)
-        kl = posterior.kl().mean() / z[0].numel()  # per latent element, so the weight is size-independent
-        loss = rec + options.kl_weight * kl
-        if discriminator is not None and step >= options.discriminator_start:
-            loss = loss + discriminator.generator_loss(rec, recon, autoencoder)
+        # latent_noise: robustness of the decoder to slightly-off latents (CALIBRATION.md)
+        out = autoencoder.reconstruct(x, generator=generator, latent_noise=options.latent_noise)
+        rec = reconstruction_loss(x, out.image, edge_strength=options.edge_strength)
+        terms = {"rec": rec.item()}
+        nll = rec
+        if perceptual is not None:
+            p_loss = perceptual(x, out.image).mean()
+            nll = nll + options.perceptual_weight * p_loss
+            terms["perceptual"] = p_loss.item()
+        loss = nll + sum(_regularizer_weight(options, name) * value for name, value in out.losses.items())
+        adversarial = discriminator is not None and step >= options.discriminator_start
+        if adversarial:
+            loss = loss + discriminator.generator_loss(nll, out.image, autoencoder)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), options.grad_clip)
         optimizer.step()
-        if discriminator is not None and step >= options.discriminator_start:
-            discriminator.step(x, recon.detach())
+        if adversarial:
+            terms["discriminator"] = discriminator.step(x, out.image.detach())
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"first-stage loss is {loss.item()} at step {step}")
         if step % 50 == 0 or step == options.steps - 1:
-            history.append({"step": step, "loss": loss.item(), "rec": rec.item(), "kl": kl.item(), "time": time.perf_counter() - start})
+            history.append({"step": step, "loss": loss.item(), **terms, **out.metrics, "time": time.perf_counter() - start})
             bar.set_postfix(loss=f"{loss.item():.4f}")
     autoencoder.eval()
     return history
+
+
+def _regularizer_weight(options: DictConfig, name: str) -> float:
+    if name not in REGULARIZER_WEIGHTS:
+        known = ", ".join(REGULARIZER_WEIGHTS)
+        raise KeyError(f"the first stage returned a loss term {name!r} that no option weighs (known: {known})")
+    return options[REGULARIZER_WEIGHTS[name]]
+
+
+def _perceptual(options: DictConfig):
+    if options.lpips_weights is None:
+        log.info("no LPIPS weights given: reconstruction loss only")
+        return None
+    from ldmcore.autoencoder.perceptual import LPIPS
+
+    try:
+        return LPIPS.from_file(options.lpips_weights)
+    except (FileNotFoundError, CheckpointError) as error:
+        raise ConfigError(f"autoencoder.train.lpips_weights: {error}") from None
 
 
 def _discriminator(options: DictConfig):
@@ -111,10 +154,13 @@ def _same_objects(original, reconstructed) -> bool:
 
 def obtain_first_stage(cfg: DictConfig, dataset, reader, run_dir: Path):
     """Load ``autoencoder.pretrained``, reuse a cached first stage of the same config, or train
-    one (and cache it). Then measure it, record the numbers and enforce the gate."""
+    one (and cache it); a first stage without parameters is used as built. Then measure it,
+    record the numbers and enforce the gate."""
     autoencoder = instantiate(cfg.autoencoder.model)
     record: dict = {}
-    if cfg.autoencoder.pretrained:
+    if next(autoencoder.parameters(), None) is None:  # e.g. the pixel-space identity: nothing to train, load or cache
+        record["source"] = f"{cfg.autoencoder.model._target_} (no parameters)"
+    elif cfg.autoencoder.pretrained:
         path = Path(cfg.autoencoder.pretrained).expanduser()
         file = path if path.suffix == ".safetensors" else resolve_checkpoint(path) / MODEL_FILE
         load_module_state(autoencoder, load_file(str(file)), "first_stage", source=str(file))

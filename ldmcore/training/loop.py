@@ -1,21 +1,28 @@
 """Stage 2: train the denoiser on latents. A plain loop that reads top to bottom; the pieces it
 calls (restore, metrics log, non-finite policy) follow it. Resume, signals, non-finite losses and
-checkpoint failures are described in docs/reliability.md."""
+checkpoint failures are described in docs/reliability.md; data parallelism, bf16 and gradient
+accumulation in docs/scaling.md."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ldmcore.conditioning import apply_denoiser_net
 from ldmcore.config import ConfigError
+from ldmcore.data.base import skipped_items
+from ldmcore.training import distributed
 from ldmcore.training.checkpoint import load_module_state, module_tensors, save_run_checkpoint, write_text_atomic
 from ldmcore.training.ema import EMA
 from ldmcore.training.optim import load_optimizer_tensors, lr_factor, optimizer_tensors
@@ -53,6 +60,36 @@ class LatentPool:
         return (mean + std * torch.randn(mean.shape, generator=generator)) * self.scale_factor  # (B, C, h, w)
 
 
+class DenoisingLoss(nn.Module):
+    """L_LDM per sample of one (micro-)batch: a module so that DistributedDataParallel can wrap its
+    forward and all-reduce the gradients of ``model`` during the backward pass."""
+
+    def __init__(self, model: nn.Module, process, latent_size: tuple[int, int], precision: str):
+        super().__init__()
+        self.model, self.process, self.latent_size = model, process, latent_size
+        self.bf16 = precision == "bf16"
+
+    def forward(self, batch: dict, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                keep: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z0, noise: (b, C, h, w); t: (b,) long; keep: {condition: (b,) bool} -> loss (b,) float32."""
+        with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=self.bf16):  # the forward only
+            cond = self.model.conditioner(batch, len(t), self.latent_size, keep=keep)
+            prediction = apply_denoiser_net(self.model.unet, self.process.q_sample(z0, t, noise), t.float(), cond)
+        return self.process.training_loss(prediction.float(), z0, noise, t)
+
+
+def shard_rows(batch_size: int, accumulation: int, ctx: distributed.Context) -> list[slice]:
+    """This process's micro-batches as rows of the global batch: rank r takes the r-th of
+    ``world_size`` equal parts, cut into ``accumulation`` equal micro-batches."""
+    parts = ctx.world_size * accumulation
+    if batch_size % parts:
+        raise ConfigError(f"trainer.batch_size={batch_size} (the global batch) must be divisible by the number of "
+                          f"processes ({ctx.world_size}) times trainer.grad_accumulation ({accumulation})")
+    micro = batch_size // parts
+    first = ctx.rank * accumulation * micro
+    return [slice(first + i * micro, first + (i + 1) * micro) for i in range(accumulation)]
+
+
 def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: Path, resume: dict | None = None,
                    on_sample=None) -> dict:
     """Train ``system.model`` up to ``cfg.trainer.steps`` steps (docs/reliability.md).
@@ -60,77 +97,104 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
     resume: ``{"tensors", "state", "folder"}`` of a checkpoint of this same model; training
     continues exactly where it stopped (weights, EMA, optimizer, every RNG, step, skip count).
     on_sample(step, ema_model): called every ``trainer.sample_every`` steps (periodic grids).
-    SIGTERM / SIGINT end the run after the current step with a checkpoint. Returns the EMA copy,
-    the last checkpoint, the step reached, the skip count and ``stopped_by`` (a signal name or None).
+    SIGTERM / SIGINT end the run after the current step with a checkpoint. Returns the EMA copy
+    (on the CPU), the last checkpoint, the step reached, the skip count and ``stopped_by``.
+
+    Data parallel under torchrun (docs/scaling.md): every process draws the same global batch of
+    ``trainer.batch_size`` samples (indices, t, noise, condition dropout) from the same generator
+    and computes only its own rows; DDP averages the gradients, so each update equals a single
+    process's on the whole batch. Only rank 0 writes files and calls on_sample.
     """
     opts = cfg.trainer
+    ctx = distributed.current()
+    rows = shard_rows(opts.batch_size, opts.grad_accumulation, ctx)  # this rank's micro-batches
+    device = distributed.training_device(opts.device, ctx)
     run_dir = Path(run_dir)
-    model, process = system.model, system.process
-    latent_size = system.latent_shape[1:]
+    model, process = system.model.to(device), system.process
+    objective = DenoisingLoss(model, process, system.latent_shape[1:], opts.precision)
+    if ctx.enabled:  # DDP also broadcasts rank 0's weights now, so every rank starts from them
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     ema = EMA(model, opts.ema_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)  # data order, t, noise, condition dropout
+    generator = torch.Generator().manual_seed(cfg.seed)  # data order, t, noise, condition dropout: same on every rank
+    if ctx.rank > 0:  # torch's global generator (dropout layers): a stream of its own per rank
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
     step, elapsed, skipped, last_checkpoint = 0, 0.0, 0, None
     # The EMA at an early step, kept as the weak model of autoguidance (ldmcore/diffusion/autoguidance.py).
     snapshot_step = round(opts.guide_snapshot * opts.steps) if opts.guide_snapshot > 0 else None
     guide: dict[str, torch.Tensor] | None = None
     if resume is not None:
         guide = {k[len("guide."):]: v for k, v in resume["tensors"].items() if k.startswith("guide.")} or None
-        state = restore(resume, model, ema, optimizer, generator)
+        state = restore(resume, model, ema, optimizer, generator, ctx.rank)
         step, elapsed, skipped, last_checkpoint = state["step"], state["elapsed"], state.get("skipped_steps", 0), resume.get("folder")
         if step > opts.steps:
             raise ConfigError(f"trainer.steps={opts.steps} is below the checkpoint's step {step}; raise it to train further")
         log.info("resuming at step %d from %s", step, last_checkpoint)
 
     def checkpoint(at_step: int) -> Path:
+        """Called on every rank (the RNG states are gathered); rank 0 writes."""
+        rng_states = distributed.gather_object(torch.get_rng_state(), ctx)
+        distributed.check_in_sync({"model": model, "ema": ema.shadow}, ctx)
         opt_tensors, groups = optimizer_tensors(optimizer)
         tensors = {**module_tensors(model, "model"), **module_tensors(ema.shadow, "ema"),
                    **module_tensors(system.first_stage, "first_stage"), **opt_tensors,
                    **{f"guide.{k}": v for k, v in (guide or {}).items()},
-                   "rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+                   "rng.generator": generator.get_state(), "rng.torch": rng_states[0],
+                   **{f"rng.torch.rank{r}": s for r, s in enumerate(rng_states) if r > 0}}
         state = {"step": at_step, "ema_updates": ema.num_updates, "skipped_steps": skipped,
-                 "elapsed": elapsed + time.perf_counter() - start,
+                 "elapsed": elapsed + time.perf_counter() - start, "world_size": ctx.world_size,
                  "optimizer_param_groups": groups, "scale_factor": pool.scale_factor}
-        return save_run_checkpoint(run_dir / "checkpoints", at_step, tensors, state, cfg, opts.keep_checkpoints)
+        return distributed.on_main(
+            lambda: save_run_checkpoint(run_dir / "checkpoints", at_step, tensors, state, cfg, opts.keep_checkpoints), ctx)
 
     model.train()
     start = time.perf_counter()
-    window_start, window_steps, done = start, 0, step
-    with open_metrics_log(run_dir / "metrics.jsonl", step) as metrics_log, stop_on_signals() as stop:
-        bar = tqdm(range(step, opts.steps), initial=step, total=opts.steps, desc="denoiser", dynamic_ncols=True, mininterval=2.0)
+    window_start, window_steps, done, stopping = start, 0, step, False
+    metrics_file = open_metrics_log(run_dir / "metrics.jsonl", step) if ctx.is_main else nullcontext()
+    with metrics_file as metrics_log, stop_on_signals() as stop:
+        bar = tqdm(range(step, opts.steps), initial=step, total=opts.steps, desc="denoiser", dynamic_ncols=True,
+                   mininterval=2.0, disable=not ctx.is_main)
         for step in bar:
             lr = opts.lr * lr_factor(step, opts.steps, opts.warmup_steps, opts.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # The global batch's randomness, drawn whole on every rank; each rank then takes its rows.
             indices = torch.randint(len(dataset), (opts.batch_size,), generator=generator)
-            batch = dataset.batch(indices.tolist())
             z0 = pool.sample(indices, generator)  # (B, C, h, w), unit variance
             t = process.sample_t(opts.batch_size, generator=generator)
             noise = torch.randn(z0.shape, generator=generator)
-            cond = model.conditioner(batch, opts.batch_size, latent_size, generator=generator)
-            prediction = apply_denoiser_net(model.unet, process.q_sample(z0, t, noise), t.float(), cond)
-            loss = process.training_loss(prediction, z0, noise, t).mean()
+            keep = model.conditioner.draw_keep(opts.batch_size, generator)  # {condition: (B,) bool}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value = loss.item()
+            loss_sum = torch.zeros((), device=device)
+            for i, part in enumerate(rows):  # micro-batches; DDP all-reduces after the last one only
+                last = i == len(rows) - 1
+                with objective.no_sync() if ctx.enabled and not last else nullcontext():
+                    batch = dataset.batch(indices[part].tolist())
+                    loss = objective(batch, z0[part].to(device), t[part].to(device), noise[part].to(device),
+                                     {name: k[part] for name, k in keep.items()}).mean() / len(rows)
+                    loss.backward()
+                loss_sum += loss.detach()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))
+            # One small all-reduce: the global mean loss, and whether any rank was asked to stop
+            # (a signal may reach the ranks at different steps; they must all stop at the same one).
+            totals = distributed.all_reduce_sum(torch.tensor([loss_sum.item(), float(stop.requested)], dtype=torch.float64), ctx)
+            loss_value, stopping = float(totals[0]) / ctx.world_size, bool(totals[1] > 0)
             done = step + 1
-            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):  # the same on every rank
                 optimizer.step()
                 ema.update(model)
                 if done == snapshot_step:
-                    guide = {k: v.clone() for k, v in ema.shadow.state_dict().items()}
+                    guide = {k: v.detach().cpu().clone() for k, v in ema.shadow.state_dict().items()}
             else:  # no update: weights, optimizer state and EMA stay as they were
                 skipped += 1
                 refuse_nonfinite(loss_value, grad_norm, done, skipped, opts, last_checkpoint)
 
-            stopping = stop.requested  # read once: a signal may land anywhere below
             window_steps += 1
-            if done % opts.log_every == 0 or done == opts.steps or stopping:
+            if metrics_log is not None and (done % opts.log_every == 0 or done == opts.steps or stopping):
                 now = time.perf_counter()
                 rate = window_steps / (now - window_start)
                 record = {"step": done, "loss": finite_or_none(loss_value), "grad_norm": finite_or_none(grad_norm),
-                          "lr": lr, "skipped": skipped, "it_s": rate, "img_s": rate * opts.batch_size,
+                          "lr": lr, "skipped": skipped, "data_skipped": skipped_items(dataset), "it_s": rate, "img_s": rate * opts.batch_size,
                           "time": elapsed + now - start}
                 metrics_log.write(json.dumps(record) + "\n")
                 metrics_log.flush()
@@ -140,29 +204,39 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
                 break
             if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < opts.steps:
                 last_checkpoint = checkpoint(done)
-            if on_sample is not None and opts.sample_every and done % opts.sample_every == 0 and done < opts.steps:
+            if (ctx.is_main and on_sample is not None and opts.sample_every and done % opts.sample_every == 0
+                    and done < opts.steps):
                 with torch.random.fork_rng(devices=[]):  # a grid must not move the training's RNG
-                    on_sample(done, ema.shadow)
+                    on_sample(done, ema.shadow if device.type == "cpu" else copy.deepcopy(ema.shadow).cpu())
         bar.close()
         model.eval()
         folder = checkpoint(done)  # still inside: a signal now cannot cut the write short
-    if stop.requested:
-        log.warning("stopped by %s at step %d; checkpoint %s (continue with checkpoint=%s)", stop.name, done, folder, run_dir)
-    return {"ema": ema.shadow, "guide": guide, "checkpoint": folder, "step": done, "skipped_steps": skipped, "stopped_by": stop.name,
-            "train_seconds": elapsed + time.perf_counter() - start}
+    model.cpu()  # what follows (grids, sampling) runs on the CPU
+    ema.shadow.cpu()
+    stopped_by = stop.name or ("a signal to another rank" if stopping else None)
+    if stopped_by and ctx.is_main:
+        log.warning("stopped by %s at step %d; checkpoint %s (continue with checkpoint=%s)", stopped_by, done, folder, run_dir)
+    return {"ema": ema.shadow, "guide": guide, "checkpoint": folder, "step": done, "skipped_steps": skipped,
+            "stopped_by": stopped_by, "train_seconds": elapsed + time.perf_counter() - start}
 
 
 # --- the pieces of the loop --------------------------------------------------------------------
 
 
-def restore(resume: dict, model, ema: EMA, optimizer, generator: torch.Generator) -> dict:
+def restore(resume: dict, model, ema: EMA, optimizer, generator: torch.Generator, rank: int = 0) -> dict:
     """Load a checkpoint of this run into the training objects; returns its state.json."""
     tensors, state = resume["tensors"], resume["state"]
     load_module_state(model, tensors, "model")
     load_module_state(ema.shadow, tensors, "ema")
     load_optimizer_tensors(optimizer, tensors, state["optimizer_param_groups"])
     generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])  # dropout layers draw from the global generator
+    # Dropout layers draw from the global generator, one stream per rank (rank 0's is "rng.torch").
+    own = "rng.torch" if rank == 0 else f"rng.torch.rank{rank}"
+    if own in tensors:
+        torch.set_rng_state(tensors[own])
+    else:
+        log.warning("the checkpoint was written by %s process(es): rank %d keeps a fresh global RNG stream "
+                    "(only dropout layers use it; the data stream is restored exactly)", state.get("world_size", 1), rank)
     ema.num_updates = state["ema_updates"]  # the EMA warm-up depends on it
     return state
 

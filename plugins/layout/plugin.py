@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ldmcore.conditioning import ConditionEncoder
 from ldmcore.hookspecs import hookimpl
@@ -26,17 +27,24 @@ NULLS = ("empty", "zeros")
 class LayoutEncoder(ConditionEncoder):
     """Boxes and labels -> tokens (B, 1 + 3·max_objects) -> transformer -> (B, L, embed_dim)."""
 
-    def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty"):
+    def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty",
+                 corner_frequencies: int = 0):
         super().__init__()
         if null not in NULLS:
             raise ValueError(f"condition.layout.null_condition must be one of {', '.join(NULLS)}, got {null!r}")
+        if corner_frequencies < 0:
+            raise ValueError(f"condition.layout.corner_frequencies must be >= 0, got {corner_frequencies}")
         self.vocabulary, self.null_kind = vocabulary, null
         self.transformer = SequenceTransformer(vocabulary.size, vocabulary.length, embed_dim, depth, num_heads)
+        # Fixed Fourier features of each corner's position, projected and added to its learned embedding.
+        self.register_buffer("corner_table", vocabulary.corner_features(corner_frequencies), persistent=False)
+        self.corner_projection = nn.Linear(4 * corner_frequencies, embed_dim) if corner_frequencies else None
         self.outputs = {"crossattn": (vocabulary.length, embed_dim)}
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.transformer.position_embedding.device)
-        return self.transformer(tokens, tokens != self.vocabulary.pad)  # (B, L, D)
+        extra = self.corner_projection(self.corner_table[tokens]) if self.corner_projection is not None else None
+        return self.transformer(tokens, tokens != self.vocabulary.pad, extra)  # (B, L, D)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         return {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], batch["box_labels"]))}
@@ -73,7 +81,8 @@ def ldmcore_batch_keys():
 @hookimpl
 def ldmcore_build_encoder(options, data):
     vocabulary = LayoutVocabulary(len(_class_names(data)), int(options.bins), int(options.max_objects))
-    return LayoutEncoder(vocabulary, int(options.embed_dim), int(options.depth), int(options.num_heads), str(options.null_condition))
+    return LayoutEncoder(vocabulary, int(options.embed_dim), int(options.depth), int(options.num_heads), str(options.null_condition),
+                         int(options.get("corner_frequencies", 0)))
 
 
 @hookimpl

@@ -57,6 +57,22 @@ class LayoutVocabulary:
         tokens += [self.pad] * (self.length - len(tokens))
         return torch.tensor(tokens, dtype=torch.int64)
 
+    def corner_features(self, frequencies: int) -> torch.Tensor:
+        """(size, 4·frequencies) sinusoidal features of each corner token's cell centre (x, y) at
+        frequencies 2^k·π, k < frequencies (Fourier features, Tancik et al. 2020); zero rows for
+        class, pad and start tokens. Neighbouring cells get similar features, so the encoder need not
+        learn the grid's geometry from scratch for each of the bins² corner tokens."""
+        table = torch.zeros(self.size, 4 * frequencies)
+        if frequencies == 0:
+            return table
+        centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) / self.bins  # (bins,)
+        omega = math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float64)  # (F,)
+        y, x = torch.meshgrid(centres, centres, indexing="ij")  # (bins, bins): cell (y_bin, x_bin)
+        angles = torch.stack([x.flatten(), y.flatten()], dim=1)[:, :, None] * omega  # (bins², 2, F)
+        features = torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)  # (bins², 4F)
+        table[self.num_classes: self.num_classes + self.bins**2] = features.float()
+        return table
+
     def encode_batch(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-sample boxes / labels (lists, or stacked tensors) -> tokens (B, length)."""
         if len(boxes) != len(labels):

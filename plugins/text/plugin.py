@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from ldmcore.hookspecs import hookimpl
 
-from .encoders import LearnedCaptionEncoder, PretrainedCaptionEncoder
-from .tokenizer import obtain_tokenizer
+from ldmcore.nn.string_encoders import LearnedStringEncoder, PretrainedStringEncoder
+from ldmcore.nn.tokenizer import obtain_tokenizer
 
 NAME = "text"
 KEY = "caption"
@@ -49,7 +49,8 @@ def ldmcore_build_encoder(options, data):
     if encoder == "pretrained":
         if not options.pretrained:
             raise ValueError("condition.text.encoder=pretrained needs condition.text.pretrained=PATH, a local Hugging Face folder")
-        return PretrainedCaptionEncoder(str(Path(str(options.pretrained)).expanduser()), int(options.max_length), str(options.null_condition))
+        return PretrainedStringEncoder(str(Path(str(options.pretrained)).expanduser()), int(options.max_length),
+                                       str(options.null_condition), key=KEY, option="condition.text")
     if encoder != "learned":
         raise ValueError(f"condition.text.encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
     if data.values is None:
@@ -57,8 +58,9 @@ def ldmcore_build_encoder(options, data):
                          f"{data.name} cannot list them (DataInfo.values is None); use condition.text.encoder=pretrained")
     captions = data.values(KEY, int(options.tokenizer_captions))
     tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), _option(options, "tokenizer_cache"))
-    return LearnedCaptionEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
-                                 int(options.depth), int(options.num_heads), str(options.null_condition))
+    return LearnedStringEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
+                                int(options.depth), int(options.num_heads), str(options.null_condition), key=KEY,
+                                option="condition.text")
 
 
 @hookimpl
@@ -81,4 +83,12 @@ def ldmcore_score(images, batch, data):
         return {}
     objects = data.reader.read_batch(images)
     correct = [data.reader.caption_correct(objs, caption) for objs, caption in zip(objects, batch[KEY])]
-    return {"caption_accuracy": sum(correct) / max(len(correct), 1)}
+    scores = {"caption_accuracy": sum(correct) / max(len(correct), 1)}
+    # By the number of objects named ("a, b and c": one more than the separators), and on captions
+    # of 1-2 objects, where issue 3's bar is set.
+    counts = [caption.count(",") + caption.count(" and ") + 1 for caption in batch[KEY]]
+    for name, allowed in (("caption_accuracy_1_2", (1, 2)), *((f"caption_accuracy/{n}", (n,)) for n in sorted(set(counts)))):
+        chosen = [ok for ok, n in zip(correct, counts) if n in allowed]
+        if chosen:
+            scores[name] = sum(chosen) / len(chosen)
+    return scores

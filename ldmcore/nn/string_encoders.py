@@ -1,6 +1,7 @@
-"""The text condition's tau_theta: a transformer trained with the denoiser (the paper's
-text-to-image LDM, Rombach et al. 2022, Sec. 4.3.1), or a frozen pretrained encoder read from a
-local Hugging Face folder. Both map captions to ``crossattn`` tokens (B, max_length, D)."""
+"""tau_theta for a condition given as a string (one per sample, under one batch key): a transformer
+trained with the denoiser (the paper's text-to-image LDM, Rombach et al. 2022, Sec. 4.3.1), or a
+frozen pretrained encoder read from a local Hugging Face folder. Both map strings to ``crossattn``
+tokens (B, max_length, D). Plugins build them with their batch key and option prefix (for errors)."""
 
 from __future__ import annotations
 
@@ -11,35 +12,32 @@ import torch
 from ldmcore.conditioning import ConditionEncoder
 from ldmcore.nn.sequence import SequenceTransformer
 
-from .tokenizer import Tokenizer
+from ldmcore.nn.tokenizer import Tokenizer
 
 NULLS = ("empty", "zeros")
 
 
-def _check_null(null: str) -> None:
-    if null not in NULLS:
-        raise ValueError(f"condition.text.null_condition must be one of {', '.join(NULLS)}, got {null!r}")
+class _StringEncoder(ConditionEncoder):
+    """Shared by both paths: ``encode(strings)`` of batch key ``key``, and the null condition.
+    ``option`` is the plugin's config prefix (e.g. ``condition.text``), named in errors."""
 
-
-class _CaptionEncoder(ConditionEncoder):
-    """Shared by both paths: ``encode(captions)`` and the null condition."""
-
-    def __init__(self, null: str):
+    def __init__(self, null: str, key: str, option: str):
         super().__init__()
-        _check_null(null)
-        self.null_kind = null
+        if null not in NULLS:
+            raise ValueError(f"{option}.null_condition must be one of {', '.join(NULLS)}, got {null!r}")
+        self.null_kind, self.key, self.option = null, key, option
 
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:  # pragma: no cover - abstract
+    def encode(self, strings: Sequence[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        captions = batch["caption"]
-        if isinstance(captions, str):
-            raise ValueError("batch key caption must be a list of strings, one per sample, not one string")
-        return {"crossattn": self.encode(list(captions))}
+        strings = batch[self.key]
+        if isinstance(strings, str):
+            raise ValueError(f"batch key {self.key} must be a list of strings, one per sample, not one string")
+        return {"crossattn": self.encode(list(strings))}
 
     def null(self, batch_size, latent_size, device):
-        """``empty``: the encoding of the empty caption (learned along with tau_theta on the
+        """``empty``: the encoding of the empty string (learned along with tau_theta on the
         learned path), as Stable Diffusion's unconditional context; ``zeros``: zeros."""
         if self.null_kind == "zeros":
             return super().null(batch_size, latent_size, device)
@@ -47,7 +45,7 @@ class _CaptionEncoder(ConditionEncoder):
         return {"crossattn": empty.expand(batch_size, *empty.shape[1:])}
 
 
-class LearnedCaptionEncoder(_CaptionEncoder):
+class LearnedStringEncoder(_StringEncoder):
     """SentencePiece tokens -> :class:`SequenceTransformer`, trained jointly with the denoiser.
 
     The tokenizer is not a tensor, so the model keeps its SHA-256 as a buffer: loading weights
@@ -55,25 +53,25 @@ class LearnedCaptionEncoder(_CaptionEncoder):
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_length: int, embed_dim: int, depth: int,
-                 num_heads: int, null: str = "empty"):
-        super().__init__(null)
+                 num_heads: int, null: str = "empty", key: str = "text", option: str = "condition"):
+        super().__init__(null, key, option)
         if max_length < 3:
-            raise ValueError(f"condition.text.max_length must leave room for a piece between begin and end tokens, got {max_length}")
+            raise ValueError(f"{option}.max_length must leave room for a piece between begin and end tokens, got {max_length}")
         if tokenizer.vocab_size > vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than condition.text.vocab_size={vocab_size}")
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than {option}.vocab_size={vocab_size}")
         self.tokenizer, self.max_length = tokenizer, max_length
         self.transformer = SequenceTransformer(vocab_size, max_length, embed_dim, depth, num_heads)
         self.register_buffer("tokenizer_digest", torch.tensor(list(tokenizer.digest), dtype=torch.uint8))
         self.register_load_state_dict_post_hook(_check_tokenizer)
         self.outputs = {"crossattn": (max_length, embed_dim)}
 
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:
-        tokens, keep = self.tokenizer.encode(captions, self.max_length)  # 2 × (B, L)
+    def encode(self, strings: Sequence[str]) -> torch.Tensor:
+        tokens, keep = self.tokenizer.encode(strings, self.max_length)  # 2 × (B, L)
         device = self.tokenizer_digest.device
         return self.transformer(tokens.to(device), keep.to(device))  # (B, L, D)
 
 
-def _check_tokenizer(module: LearnedCaptionEncoder, incompatible_keys) -> None:
+def _check_tokenizer(module: LearnedStringEncoder, incompatible_keys) -> None:
     loaded = bytes(module.tokenizer_digest.tolist())
     if loaded != module.tokenizer.digest:
         raise ValueError(
@@ -83,19 +81,19 @@ def _check_tokenizer(module: LearnedCaptionEncoder, incompatible_keys) -> None:
         )
 
 
-class PretrainedCaptionEncoder(_CaptionEncoder):
+class PretrainedStringEncoder(_StringEncoder):
     """A frozen encoder (e.g. BERT) and its tokenizer from a local Hugging Face folder; its last
     hidden states are the tokens. Never downloads (``local_files_only``); never trained."""
 
-    def __init__(self, path: str, max_length: int, null: str = "empty"):
-        super().__init__(null)
+    def __init__(self, path: str, max_length: int, null: str = "empty", key: str = "text", option: str = "condition"):
+        super().__init__(null, key, option)
         from transformers import AutoModel, AutoTokenizer  # heavy: imported only on this path
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"condition.text.pretrained={path!r} is not a local Hugging Face model folder "
+            raise ValueError(f"{option}.pretrained={path!r} is not a local Hugging Face model folder "
                              f"with a tokenizer: {error}") from None
         self.model.eval().requires_grad_(False)
         self.max_length = max_length
@@ -107,9 +105,9 @@ class PretrainedCaptionEncoder(_CaptionEncoder):
         return self
 
     @torch.no_grad()
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+    def encode(self, strings: Sequence[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
+        tokens = self.tokenizer(list(strings), padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
         out = self.model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
         return out.last_hidden_state  # (B, L, hidden)

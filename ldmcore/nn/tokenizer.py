@@ -1,8 +1,9 @@
-"""The learned path's tokenizer: a SentencePiece model (Kudo & Richardson 2018) fitted to the
-captions of the data source and cached by a hash of the caption set, so every run on the same
-data reuses it (and rebuilding a trained model finds the very tokenizer it was trained with).
+"""A tokenizer for plugins whose condition is a string: a SentencePiece model (Kudo & Richardson
+2018) fitted to the strings of the data source and cached by a hash of the string set, so every run
+on the same data reuses it (and rebuilding a trained model finds the very tokenizer it was trained
+with). Shared by plugins through the core, since no plugin imports another.
 
-Token ids: 0 unknown, 1 begin, 2 end, 3 pad; a caption becomes ``[begin, pieces..., end, pad...]``.
+Token ids: 0 unknown, 1 begin, 2 end, 3 pad; a string becomes ``[begin, pieces..., end, pad...]``.
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ log = logging.getLogger(__name__)
 UNK, BEGIN, END, PAD = 0, 1, 2, 3
 
 
-def captions_key(captions: Iterable[str], settings: dict) -> tuple[list[str], str]:
-    """The sorted distinct captions, and a hash of them with the training settings."""
-    distinct = sorted(set(captions))
+def strings_key(strings: Iterable[str], settings: dict) -> tuple[list[str], str]:
+    """The sorted distinct strings, and a hash of them with the fitting settings."""
+    distinct = sorted(set(strings))
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for caption in distinct:
-        h.update(caption.encode())
+    for string in distinct:
+        h.update(string.encode())
         h.update(b"\0")
     return distinct, h.hexdigest()[:24]
 
 
-def fit_sentencepiece(captions: list[str], vocab_size: int, model_type: str) -> bytes:
-    """Train a SentencePiece model on ``captions`` (in this order); returns its serialized proto.
-    Deterministic: the same captions and settings give the same bytes."""
+def fit_sentencepiece(strings: list[str], vocab_size: int, model_type: str) -> bytes:
+    """Train a SentencePiece model on ``strings`` (in this order); returns its serialized proto.
+    Deterministic: the same strings and settings give the same bytes."""
     spm.set_random_generator_seed(0)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=iter(strings), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         hard_vocab_limit=False,  # a small closed vocabulary has fewer pieces than vocab_size
         character_coverage=1.0, unk_id=UNK, bos_id=BEGIN, eos_id=END, pad_id=PAD, num_threads=1, minloglevel=2,
     )
@@ -71,26 +72,26 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._processor.vocab_size()
 
-    def encode(self, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, length) int64, keep (B, length) bool: False on padding). Captions longer
+    def encode(self, strings: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, length) int64, keep (B, length) bool: False on padding). Strings longer
         than ``length - 2`` pieces are cut, keeping the end token."""
-        tokens = torch.full((len(captions), length), PAD, dtype=torch.int64)
-        for row, pieces in enumerate(self._processor.encode(list(captions))):
+        tokens = torch.full((len(strings), length), PAD, dtype=torch.int64)
+        for row, pieces in enumerate(self._processor.encode(list(strings))):
             ids = [BEGIN, *pieces[: length - 2], END]
             tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens, tokens != PAD
 
-    def pieces(self, caption: str) -> list[str]:
-        return self._processor.encode(caption, out_type=str)
+    def pieces(self, string: str) -> list[str]:
+        return self._processor.encode(string, out_type=str)
 
 
-def obtain_tokenizer(captions: Iterable[str], vocab_size: int, model_type: str, cache_dir: str | None) -> Tokenizer:
-    """The tokenizer of this caption set: read from ``cache_dir/tokenizers`` when fitted before,
+def obtain_tokenizer(strings: Iterable[str], vocab_size: int, model_type: str, cache_dir: str | None) -> Tokenizer:
+    """The tokenizer of this set of strings: read from ``cache_dir/tokenizers`` when fitted before,
     otherwise fitted now (and written there when a cache folder is given)."""
     settings = {"kind": "sentencepiece", "vocab_size": vocab_size, "model_type": model_type}
-    distinct, key = captions_key(captions, settings)
+    distinct, key = strings_key(strings, settings)
     if not distinct:
-        raise ValueError("cannot fit a tokenizer: the data source gave no captions")
+        raise ValueError("cannot fit a tokenizer: the data source gave no strings")
     path = Path(cache_dir).expanduser() / "tokenizers" / f"sentencepiece-{key}.model" if cache_dir else None
     if path is not None and path.is_file():
         return Tokenizer(path.read_bytes(), source=str(path))
@@ -101,5 +102,5 @@ def obtain_tokenizer(captions: Iterable[str], vocab_size: int, model_type: str, 
             tokenizer.source = str(path)
         except OSError as error:  # a read-only cache costs a refit next time, nothing else
             log.warning("could not cache the tokenizer at %s: %s", path, error)
-    log.info("fitted a %s tokenizer (%d pieces) on %d distinct captions", model_type, tokenizer.vocab_size, len(distinct))
+    log.info("fitted a %s tokenizer (%d pieces) on %d distinct strings", model_type, tokenizer.vocab_size, len(distinct))
     return tokenizer

@@ -1,0 +1,648 @@
+"""ldmcore against diffusers on the same weights, side by side in one process (issue 5).
+
+The reference configuration: 4×16×16 latents (64 px images, f=4), a UNet of 64/128/256 channels,
+2 ResBlocks per level, cross-attention (context width 256, 77 tokens, heads of width 32) at the two
+lower resolutions, batch 32. It is built as a diffusers ``UNet2DConditionModel`` with random
+weights, saved, and loaded into ldmcore's ``UNet`` through ``ldmcore.interop`` (outputs asserted
+equal to 1e-4 before any timing); a small KL autoencoder (f=4) goes the same way for decoding.
+
+Measured, as medians over interleaved rounds (every variant once per round, the order reversed
+every other round, so that load from other processes falls on all of them alike):
+- forward: one denoiser forward in inference mode, images/s;
+- train: forward + backward + AdamW step, images/s;
+- GFLOP/s: FLOPs counted once with ``torch.utils.flop_counter`` (attention through the math
+  kernel, so that its products are counted) over the median time, against the best of several
+  large square matmuls in this run's dtype;
+- sampling: 50 DDIM steps with classifier-free guidance + decode, diffusers' StableDiffusionPipeline
+  (DDIMScheduler, SD v1's settings) against ldmcore's samplers, same noise (outputs asserted equal);
+- memory: each (framework, task) in a subprocess of its own: the peak RSS while running it (reset
+  after the models are built) minus the RSS before, on CPU; ``torch.cuda.max_memory_allocated``
+  above the allocation after building, on CUDA.
+
+    python bench/vs_diffusers.py                        # CPU, fp32: writes the JSON and the table
+    python bench/vs_diffusers.py --quick                # a smoke check: few rounds, 5 sampling steps
+    python bench/vs_diffusers.py --compile --baseline abc026b
+    python bench/vs_diffusers.py --render               # only rewrite the table from the JSON
+
+--baseline adds the ldmcore UNet of an older version (a git revision, read with ``git archive``, or
+a folder holding its ldmcore/) and, for the ablation, today's UNet with one change at a time put
+back to that version's code (the forward of the classes the change touched, see CHANGES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "vs_diffusers.json"
+DOC = ROOT / "docs" / "performance.md"
+
+UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=256, attention_head_dim=(2, 4, 8),  # heads per level: a head width of 32
+)
+VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+)
+# Stable Diffusion v1's DDIM settings (its scheduler_config.json)
+SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1, clip_sample=False,
+                 set_alpha_to_one=False)
+TOKENS, GUIDANCE = 77, 7.5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ldmcore changes of this issue, by the classes whose forward each one touched (for the ablation)
+CHANGES = {
+    "in-place intermediates": ("ResBlock", "GEGLU", "BasicTransformerBlock", "UNet"),
+    "merged q/k/v products": ("Attention",),
+    "token-layout projections": ("SpatialTransformer",),
+}
+
+
+# ----- models ---------------------------------------------------------------------------------
+
+
+def quiet_diffusers() -> None:
+    """diffusers' advice on loading (accelerate, dtype casts) is noise in a benchmark's output."""
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def make_weights(folder: Path, seed: int = 0) -> None:
+    """A diffusers pipeline folder (unet/, vae/, scheduler/) with random weights: diffusers' init
+    plus noise on every tensor, so that no zero-initialized layer hides a difference."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    for name, model in (("unet", UNet2DConditionModel(**UNET)), ("vae", AutoencoderKL(**VAE))):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+
+
+def load(framework: str, folder: Path, part: str):
+    """The unet or vae of ``folder`` as ``framework`` builds it, float32, eval mode."""
+    if framework == "diffusers":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+        return cls.from_pretrained(folder / part).eval()
+    from ldmcore.interop import load_autoencoder, load_unet
+
+    return (load_unet if part == "unet" else load_autoencoder)(folder)
+
+
+def forward_call(framework: str, model, x, t, context) -> Callable[[], torch.Tensor]:
+    if framework == "diffusers":
+        return lambda: model(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    return lambda: model(x, t, context)
+
+
+def inputs(batch: int, device, dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)  # (B, 4, 16, 16) latents
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    context = torch.randn(batch, TOKENS, UNET["cross_attention_dim"], generator=g)  # (B, 77, 256)
+    return x.to(device, dtype), t.to(device), context.to(device, dtype)
+
+
+def baseline_modules(source: str) -> types.SimpleNamespace:
+    """ldmcore's nn and denoiser packages of an older version, imported under another name.
+    source: a git revision of this repository, or a folder holding that version's ldmcore/."""
+    folder = Path(tempfile.mkdtemp(prefix="ldmcore-baseline-"))
+    package = "ldmcore_baseline"
+    if Path(source).is_dir():
+        for part in ("nn", "denoiser"):
+            shutil.copytree(Path(source) / "ldmcore" / part, folder / package / part)
+    else:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", source, "ldmcore/nn", "ldmcore/denoiser"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        (folder / "ldmcore").rename(folder / package)
+    (folder / package / "__init__.py").write_text("")
+    sys.path.insert(0, str(folder))
+    nn_mod, denoiser = __import__(f"{package}.nn", fromlist=["x"]), __import__(f"{package}.denoiser", fromlist=["x"])
+    return types.SimpleNamespace(UNet=denoiser.UNet, classes={**vars(nn_mod), "UNet": denoiser.UNet})
+
+
+def revert(model: torch.nn.Module, base: types.SimpleNamespace, classes: tuple[str, ...]) -> torch.nn.Module:
+    """A copy of ldmcore's ``model`` whose modules of the named classes run the baseline's forward."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        name = type(m).__name__
+        if name in classes:
+            m.forward = types.MethodType(base.classes[name].forward, m)
+            if name == "SpatialTransformer":  # the older forward branched on the layer type
+                m.use_linear = isinstance(m.proj_in, torch.nn.Linear)
+    return model
+
+
+# ----- timing ---------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the tables go to stdout at the end)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(cases: dict[str, Callable], rounds: int, device, warmup: int = 2) -> tuple[dict, dict]:
+    """Per case: the times of ``rounds`` interleaved calls, and the time of its first warm-up call
+    (which holds any compilation), after ``warmup`` untimed calls of each."""
+    def timed(fn: Callable) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    first = {name: [timed(fn) for _ in range(warmup)][0] for name, fn in cases.items()} if warmup else {}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in list(cases)[:: 1 if r % 2 == 0 else -1]:
+            times[name].append(timed(cases[name]))
+    return times, first
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse (mallopt) instead of handing large blocks back
+    to the kernel: otherwise every fresh activation-sized tensor costs page faults, on CPU often
+    more than the op that fills it. It affects every library in the process alike."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    ok = [libc.mallopt(m_mmap_threshold, 32 * 2**20),  # glibc's largest: blocks below come from the heap
+          libc.mallopt(m_trim_threshold, 2**31 - 1),  # never give the heap's top back
+          libc.mallopt(m_top_pad, 64 * 2**20)]
+    if not all(ok):
+        raise RuntimeError("mallopt refused a setting (not glibc?)")
+
+
+def matmul_peak(device, dtype, n: int, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n×n×n matmul in ``dtype``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def count_flops(fn: Callable) -> float:
+    """FLOPs of one call; attention through the math kernel so that its matmuls are counted."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def summarize(times: dict, items: int, flops: float | None, reference: str) -> dict:
+    """Per case: median time, items/s, speed relative to ``reference`` and achieved GFLOP/s."""
+    ref = statistics.median(times[reference])
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_s": med, "per_s": items / med, "vs_diffusers": ref / med, "times_s": ts}
+        if flops is not None:
+            out[name]["gflops"] = flops / med / 1e9
+    return out
+
+
+# ----- the measurements ------------------------------------------------------------------------
+
+
+def build_variants(folder: Path, args, device, dtype, base) -> dict[str, tuple[str, torch.nn.Module, bool]]:
+    """name -> (framework, model, channels_last)."""
+    theirs = load("diffusers", folder, "unet").to(device, dtype)
+    ours = load("ldmcore", folder, "unet").to(device, dtype)
+    variants = {"diffusers": ("diffusers", theirs, False),
+                "diffusers channels-last": ("diffusers", copy.deepcopy(theirs).to(memory_format=torch.channels_last), True)}
+    if base is not None:
+        from ldmcore.interop import diffusers_config
+
+        old = base.UNet(**diffusers_config.unet_kwargs(theirs.config)).eval()
+        old.load_state_dict(load("ldmcore", folder, "unet").state_dict())
+        variants[f"ldmcore @{Path(args.baseline).name}"] = ("ldmcore", old.to(device, dtype), False)
+        for change, classes in CHANGES.items():
+            variants[f"ldmcore without {change}"] = ("ldmcore", revert(ours, base, classes), False)
+    variants["ldmcore"] = ("ldmcore", ours, False)
+    variants["ldmcore channels-last"] = ("ldmcore", copy.deepcopy(ours).to(memory_format=torch.channels_last), True)
+    if args.compile:
+        variants["diffusers compiled"] = ("diffusers", torch.compile(copy.deepcopy(theirs)), False)
+        variants["ldmcore compiled"] = ("ldmcore", torch.compile(copy.deepcopy(ours)), False)
+    return variants
+
+
+def check_parity(folder: Path) -> dict:
+    """Max abs differences of ldmcore against diffusers (fp32, CPU): UNet forward and VAE decode."""
+    x, t, context = inputs(4, "cpu", torch.float32)
+    with torch.inference_mode():
+        unet = forward_call("diffusers", load("diffusers", folder, "unet"), x, t, context)()
+        ours = forward_call("ldmcore", load("ldmcore", folder, "unet"), x, t, context)()
+        image = load("diffusers", folder, "vae").decode(x).sample
+        our_image = load("ldmcore", folder, "vae").decode(x)
+    result = {"unet_max_abs": float((unet - ours).abs().max()), "vae_max_abs": float((image - our_image).abs().max())}
+    assert unet.abs().max() > 0.1 and result["unet_max_abs"] < 1e-4 and result["vae_max_abs"] < 1e-4, result
+    return result
+
+
+def network_benchmarks(folder: Path, args, device, dtype, base) -> dict:
+    x, t, context = inputs(args.batch, device, dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants = build_variants(folder, args, device, dtype, base)
+
+    def call(name):
+        framework, model, channels_last = variants[name]
+        return forward_call(framework, model, x_cl if channels_last else x, t, context)
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                fn()
+        return run
+
+    flops = {f: count_flops(inference(call(f))) for f in ("diffusers", "ldmcore")}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        F.mse_loss(call("ldmcore")(), x).backward()
+    train_flops = float(counter.get_total_flops())
+    for _, model, _ in variants.values():
+        model.zero_grad(set_to_none=True)
+
+    log(f"forward: {len(variants)} variants, {args.rounds} rounds (first calls compile)")
+    with sdpa_context(args.sdpa):
+        fwd_times, fwd_first = interleaved({n: inference(call(n)) for n in variants}, args.rounds, device)
+        log("train steps")
+        steps = {}
+        for name, (framework, model, channels_last) in variants.items():
+            trained = model if "compiled" in name else copy.deepcopy(model)  # a compiled module keeps its graph
+            trained.train()
+            optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5)
+            fn = forward_call(framework, trained, x_cl if channels_last else x, t, context)
+            steps[name] = _train_step(fn, optimizer, torch.randn_like(x))
+        train_times, train_first = interleaved(steps, max(2, args.rounds // 2), device)
+    compile_s = {n: {"forward": fwd_first[n] - statistics.median(fwd_times[n]),
+                     "train": train_first[n] - statistics.median(train_times[n])} for n in variants if "compiled" in n}
+    return {
+        "flops": {"forward_gflop": flops["ldmcore"] / 1e9, "forward_gflop_diffusers": flops["diffusers"] / 1e9,
+                  "train_gflop": train_flops / 1e9},
+        "forward": summarize(fwd_times, args.batch, flops["ldmcore"], "diffusers"),
+        "train": summarize(train_times, args.batch, train_flops, "diffusers"),
+        "compile_s": compile_s,
+    }
+
+
+def _train_step(fn: Callable, optimizer: torch.optim.Optimizer, target: torch.Tensor) -> Callable[[], None]:
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(fn(), target).backward()
+        optimizer.step()
+    return step
+
+
+def sdpa_context(backend: str):
+    return nullcontext() if backend == "default" else sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend])
+
+
+def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool, seed: int = 2) -> dict[str, Callable]:
+    """name -> a function that samples ``batch`` images of 64 px, (B, 3, 64, 64) in [0, 1], from the
+    same noise and contexts: diffusers' pipeline, and ldmcore's sampler + first stage."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldmcore.diffusion import classifier_free_guidance, sample_ddim
+    from ldmcore.interop import diffusers_sigmas, load_noise_process
+    from ldmcore.nn import reuse_context
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, 4, 16, 16, generator=g).to(device, dtype)  # z_T
+    cond = torch.randn(batch, TOKENS, UNET["cross_attention_dim"], generator=g).to(device, dtype)
+    uncond = torch.zeros_like(cond)
+
+    def diffusers_run(unet):
+        pipe = StableDiffusionPipeline(
+            vae=load("diffusers", folder, "vae"), text_encoder=None, tokenizer=None, unet=unet,
+            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        ).to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return lambda: pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=64, width=64, num_inference_steps=steps,
+                            guidance_scale=GUIDANCE, latents=noise, output_type="pt").images
+
+    process = load_noise_process(folder)
+    sigmas = diffusers_sigmas(SCHEDULER, steps, process.schedule).to(device)
+    vae = load("ldmcore", folder, "vae").to(device, dtype)
+
+    def ldmcore_run(net, reuse: bool, channels_last: bool = False):
+        denoiser = process.denoiser(lambda z, t, c: net(z, t, c["crossattn"]))
+        model = classifier_free_guidance(denoiser, {"crossattn": cond}, {"crossattn": uncond}, GUIDANCE)
+        z_T = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise
+
+        def run():
+            with torch.inference_mode(), reuse_context(net) if reuse else nullcontext():
+                x = sample_ddim(model, process.initial_noise(z_T, sigmas[0]), sigmas)
+                z0 = x / (1 + sigmas[-1] ** 2).sqrt()  # VE -> VP: the last σ is σ_0 > 0 (set_alpha_to_one=False)
+                return (vae.decode(z0 / vae.scale_factor) / 2 + 0.5).clamp(0, 1)
+        return run
+
+    theirs = load("diffusers", folder, "unet").to(device, dtype)
+    ours = load("ldmcore", folder, "unet").to(device, dtype)
+    runs = {
+        "diffusers pipeline": diffusers_run(theirs),
+        "ldmcore": ldmcore_run(ours, reuse=False),
+        "ldmcore + reuse_context": ldmcore_run(ours, reuse=True),
+        "ldmcore + reuse_context, channels-last": ldmcore_run(
+            copy.deepcopy(ours).to(memory_format=torch.channels_last), reuse=True, channels_last=True),
+    }
+    if compile:
+        runs["diffusers pipeline compiled"] = diffusers_run(torch.compile(theirs))
+        runs["ldmcore compiled"] = ldmcore_run(torch.compile(ours), reuse=False)
+    return runs
+
+
+def sampling_benchmark(folder: Path, args, device, dtype) -> dict:
+    runs = samplers(folder, args.sample_batch, args.steps, device, dtype, args.compile)
+    log(f"sampling: {len(runs)} variants, {args.sample_rounds} rounds after one (compiling) run each")
+    with sdpa_context(args.sdpa):
+        with torch.inference_mode():
+            images = {name: run().float() for name, run in runs.items()}  # also the warm-up (and compilation)
+        times, _ = interleaved(runs, args.sample_rounds, device, warmup=0)
+    parity = {name: float((im - images["diffusers pipeline"]).abs().max()) for name, im in images.items()}
+    if dtype == torch.float32:  # compiled kernels may sum in another order: not held to this
+        assert max(d for n, d in parity.items() if "compiled" not in n) < 1e-3, parity
+    result = summarize(times, args.sample_batch, None, "diffusers pipeline")
+    for name in result:
+        result[name]["max_abs_vs_diffusers"] = parity[name]
+    return {"steps": args.steps, "batch": args.sample_batch, "guidance_scale": GUIDANCE, "runs": result}
+
+
+# ----- memory, in subprocesses -------------------------------------------------------------------
+
+
+def probe_memory(folder: Path, framework: str, task: str, args) -> dict:
+    """Run ``task`` twice with ``framework``'s models; the peak memory above what the built models
+    hold. CPU: the process's peak RSS, reset after building (Linux ``/proc/self/clear_refs``: loading
+    weights peaks higher than some tasks), minus the RSS then; CUDA: the allocator's peak."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if task == "sample":
+        runs = samplers(folder, args.sample_batch, 3, device, dtype, compile=False)
+        run = runs["diffusers pipeline" if framework == "diffusers" else "ldmcore + reuse_context"]
+    else:
+        unet = load(framework, folder, "unet").to(device, dtype)
+        x, t, context = inputs(args.batch, device, dtype)
+        fn = forward_call(framework, unet, x, t, context)
+        if task == "forward":
+            run = lambda: _no_grad(fn)  # noqa: E731
+        else:
+            unet.train()
+            run = _train_step(fn, torch.optim.AdamW(unet.parameters(), lr=1e-5), torch.randn_like(x))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        return {"built_mib": before / 2**20, "peak_over_built_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status_mib("VmRSS")
+    for _ in range(2):
+        run()
+    return {"built_mib": before, "peak_over_built_mib": _status_mib("VmHWM") - before}
+
+
+def _no_grad(fn: Callable) -> None:
+    with torch.inference_mode():
+        fn()
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM: the peak RSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_benchmark(folder: Path, args) -> dict:
+    method = ("torch.cuda.max_memory_allocated over the allocation after building, one subprocess per cell"
+              if args.device == "cuda" else
+              "peak RSS (VmHWM, reset after building) over the RSS after building the models, one subprocess per cell")
+    out: dict = {"method": method}
+    log("memory probes")
+    for task in ("forward", "train", "sample"):
+        out[task] = {}
+        for framework in ("diffusers", "ldmcore"):
+            command = [sys.executable, __file__, "--probe", framework, task, "--folder", str(folder), *_shared_args(args)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"memory probe {framework}/{task} failed:\n{done.stderr[-2000:]}")
+            out[task][framework] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _shared_args(args) -> list[str]:
+    return ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--batch", str(args.batch),
+            "--sample-batch", str(args.sample_batch)]
+
+
+# ----- goals, table, main ----------------------------------------------------------------------
+
+
+def goals(result: dict) -> list[dict]:
+    """The issue's goals, as ratios measured in this run (compiled variants count when present)."""
+    fwd, train = result["forward"], result["train"]
+    eager = [n for n in fwd if n.startswith("ldmcore") and "@" not in n and "without" not in n]
+    best = lambda table, names: max(names, key=lambda n: table[n]["per_s"])  # noqa: E731
+    rows = [
+        ("forward ≥ 1.5× diffusers", 1.5, fwd[best(fwd, eager)]["vs_diffusers"], best(fwd, eager)),
+        ("train step ≥ 1.3× diffusers", 1.3, train[best(train, eager)]["vs_diffusers"], best(train, eager)),
+        ("forward GFLOP/s ≥ 60 % of the matmul peak", 60.0, fwd[best(fwd, eager)]["pct_peak"], best(fwd, eager)),
+    ]
+    if "sampling" in result:
+        runs = result["sampling"]["runs"]
+        name = best(runs, [n for n in runs if n.startswith("ldmcore")])
+        rows.append(("sampling ≥ 1.5× the diffusers pipeline", 1.5, runs[name]["vs_diffusers"], name))
+    if "memory" in result:
+        worst = max(m["ldmcore"]["peak_over_built_mib"] / max(m["diffusers"]["peak_over_built_mib"], 1e-9)
+                    for task, m in result["memory"].items() if task != "method")
+        rows.append(("peak memory ≤ diffusers' (worst task, ratio)", 1.0, worst, "ldmcore"))
+    return [{"goal": g, "target": target, "measured": value, "by": by,
+             "met": value <= target if g.startswith("peak memory") else value >= target} for g, target, value, by in rows]
+
+
+def markers(json_path: Path) -> tuple[str, str]:
+    """The lines around the doc's section of one results file (a CPU and a GPU run keep one each)."""
+    path = json_path.resolve()
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return f"<!-- {name}: begin (python bench/vs_diffusers.py --render --json {name}) -->", f"<!-- {name}: end -->"
+
+
+def render(result: dict, json_path: Path) -> str:
+    """The markdown section of docs/performance.md for one result."""
+    m = result["meta"]
+    begin, end = markers(json_path)
+    lines = [
+        begin,
+        f"Measured {m['date']} on {m['machine']} ({m['threads']} threads), {m['dtype']}, attention kernel: {m['sdpa']}, "
+        f"{'malloc keeping freed memory, ' if m.get('keep_freed_memory') else ''}torch {m['torch']}, "
+        f"diffusers {m['diffusers']}; load average {m['load_start'][0]:.2f} at the start, {m['load_end'][0]:.2f} at the end"
+        f"{' (QUICK: a smoke run, not a measurement)' if m['quick'] else ''}. Command: `{m['command']}`.",
+        f"Matmul peak ({m['peak_n']}³, best of 5 at the start and 5 at the end): **{m['peak_gflops']:.0f} GFLOP/s**. FLOPs per call: forward "
+        f"{result['flops']['forward_gflop']:.1f} GFLOP (diffusers' count: {result['flops']['forward_gflop_diffusers']:.1f}), "
+        f"train step {result['flops']['train_gflop']:.1f} GFLOP. Parity: UNet max |Δ| {result['parity']['unet_max_abs']:.1e}, "
+        f"VAE {result['parity']['vae_max_abs']:.1e}.",
+        "",
+        f"| variant (batch {m['batch']}) | forward img/s | × diffusers | GFLOP/s | % peak | train img/s | × diffusers | GFLOP/s | % peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in result["forward"].items():
+        t = result["train"][name]
+        lines.append(f"| {name} | {f['per_s']:.1f} | {f['vs_diffusers']:.2f} | {f['gflops']:.0f} | {f['pct_peak']:.0f} "
+                     f"| {t['per_s']:.1f} | {t['vs_diffusers']:.2f} | {t['gflops']:.0f} | {t['pct_peak']:.0f} |")
+    for name, c in result.get("compile_s", {}).items():
+        lines.append(f"\nCompilation of {name}: {c['forward']:.0f} s (forward), {c['train']:.0f} s (train step).")
+    if "sampling" in result:
+        s = result["sampling"]
+        lines += ["", f"| sampling: {s['steps']} DDIM steps, guidance {s['guidance_scale']}, decode, batch {s['batch']} "
+                  "| images/s | × diffusers | max abs Δ image |", "|---|---|---|---|"]
+        lines += [f"| {n} | {r['per_s']:.2f} | {r['vs_diffusers']:.2f} | {r['max_abs_vs_diffusers']:.1e} |" for n, r in s["runs"].items()]
+    if "memory" in result:
+        mem = result["memory"]
+        lines += ["", f"Memory: {mem['method']}.", "", "| task | diffusers MiB | ldmcore MiB | ldmcore / diffusers |", "|---|---|---|---|"]
+        for task in ("forward", "train", "sample"):
+            d, o = mem[task]["diffusers"]["peak_over_built_mib"], mem[task]["ldmcore"]["peak_over_built_mib"]
+            lines.append(f"| {task} | {d:.0f} | {o:.0f} | {o / max(d, 1e-9):.2f} |")
+    lines += ["", "| goal | measured | by | met |", "|---|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']:.2f} | {g['by']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
+    return "\n".join(lines + [end])
+
+
+def write_doc(result: dict, json_path: Path, doc: Path) -> None:
+    """Replace this result's section of ``doc`` (other sections stay), creating the doc if needed."""
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    begin, end = markers(json_path)
+    section = render(result, json_path)
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke check: few rounds, 5 sampling steps")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--compile", action="store_true", help="add torch.compile variants (minutes on a CPU)")
+    parser.add_argument("--sdpa", default="default", choices=("default", "flash", "math"), help="attention kernel to force")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--sample-batch", type=int, default=16, help="images per sampling run (the guided forward is twice this)")
+    parser.add_argument("--rounds", type=int, default=None, help="forward rounds (train: half as many)")
+    parser.add_argument("--baseline", default=None,
+                        help="an older ldmcore to add and ablate against: a git revision, or a folder holding its ldmcore/")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: keep freed memory (mallopt) — fewer page faults for both frameworks")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("sampling", "memory"))
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--render", action="store_true", help="only rewrite the doc's table from --json")
+    parser.add_argument("--probe", nargs=2, metavar=("FRAMEWORK", "TASK"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.render:
+        write_doc(json.loads(args.json.read_text()), args.json, args.doc)
+        return
+    torch.set_num_threads(args.threads)
+    quiet_diffusers()
+    if args.probe:
+        print(json.dumps(probe_memory(args.folder, *args.probe, args)))
+        return
+    if args.keep_freed_memory:
+        keep_freed_memory()  # not in the memory probes: they measure the default allocator
+    args.rounds = args.rounds or (3 if args.quick else 15)
+    args.steps, args.sample_rounds = (5, 1) if args.quick else (50, 3)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.compile and device.type == "cpu":
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True  # inference graphs: weights as constants, prepacked for oneDNN
+
+    load_start = os.getloadavg()
+    peak_n = 2048 if device.type == "cpu" else 8192
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_weights(folder)
+        result: dict = {"parity": check_parity(folder)}
+        peak = matmul_peak(device, dtype, peak_n)
+        base = baseline_modules(args.baseline) if args.baseline else None
+        result.update(network_benchmarks(folder, args, device, dtype, base))
+        if "sampling" not in args.skip:
+            result["sampling"] = sampling_benchmark(folder, args, device, dtype)
+        if "memory" not in args.skip:
+            result["memory"] = memory_benchmark(folder, args)
+        peak = max(peak, matmul_peak(device, dtype, peak_n))  # at the start and at the end: the best of both
+    for table in ("forward", "train"):
+        for row in result[table].values():
+            row["pct_peak"] = 100 * row["gflops"] / peak
+    import diffusers
+
+    result["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join(sys.argv),
+        "machine": machine(device), "threads": args.threads, "dtype": args.dtype, "device": args.device, "batch": args.batch,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "quick": args.quick, "compile": args.compile,
+        "sdpa": args.sdpa, "keep_freed_memory": args.keep_freed_memory, "peak_gflops": peak, "peak_n": peak_n,
+        "load_start": load_start, "load_end": os.getloadavg(),
+        "unet_config": UNET, "vae_config": VAE, "scheduler": SCHEDULER,
+    }
+    result["goals"] = goals(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_doc(result, args.json, args.doc)
+    print(render(result, args.json))
+
+
+if __name__ == "__main__":
+    main()

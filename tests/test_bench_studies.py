@@ -1,0 +1,143 @@
+"""The study benchmarks (bench/sampler_efficiency.py, latent_vs_pixel.py, scaling.py): each quick
+mode runs in a subprocess and writes its JSON, plots and doc block under a temporary folder; the
+JSON has the expected structure with finite, positive numbers. Also the pieces the scripts share:
+the doc-block rewrite, the line plot, the per-f denoiser rule and the sampler goal."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldmcore.visualize import line_plot
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def load_bench(name: str):
+    """A bench script as a module (bench/ is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name: str, out: Path) -> dict:
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = (out / "performance-studies.md").read_text()
+    assert f"<!-- {name}: begin (generated) -->" in doc and f"<!-- {name}: end -->" in doc
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_sampler_efficiency_quick(tmp_path):
+    result = run_quick("sampler_efficiency", tmp_path)
+    points = {(p["sampler"], p["steps"]): p for p in result["points"]}
+    assert set(points) == {("ddim", 2), ("ddim", 4), ("plms", 2), ("dpmpp_2m", 2)}
+    # Counted NFE: one per step, PLMS one more (its improved-Euler first step); guided = one forward of 2x the batch.
+    assert [points[k]["nfe"] for k in sorted(points)] == [2, 4, 2, 3]  # ddim 2, ddim 4, dpmpp_2m 2, plms 2
+    for p in points.values():
+        assert p["forward_batch"] == 2 and p["samples"] == 18 and positive(p["eval_seconds"])
+        assert 0.0 <= p["class_accuracy"] <= 1.0
+    assert result["goal"] is None  # the quick grid has neither DPM-Solver++ at 20 nor DDIM at 250
+    assert Image.open(tmp_path / "sampler_efficiency.png").size == (640, 400)
+
+
+def test_sampler_goal_compares_dpm_at_20_with_ddim_at_250():
+    goal = load_bench("sampler_efficiency").goal
+    points = [{"sampler": "ddim", "steps": 250, "samples": 900, "acc": 0.97},
+              {"sampler": "dpmpp_2m", "steps": 20, "samples": 900, "acc": 0.962}]
+    within = goal(points, "acc")
+    assert within["met"] and within["difference_points"] == pytest.approx(-0.8)
+    points[1]["acc"] = 0.955
+    assert not goal(points, "acc")["met"]
+    assert goal(points[:1], "acc") is None
+
+
+def test_latent_vs_pixel_quick(tmp_path):
+    result = run_quick("latent_vs_pixel", tmp_path)
+    arms = {a["f"]: a for a in result["arms"]}
+    assert sorted(arms) == [1, 2, 4, 8]
+    assert [arms[f]["latent_shape"] for f in (1, 2, 4, 8)] == [[3, 32, 32], [4, 16, 16], [4, 8, 8], [4, 4, 4]]
+    assert arms[1]["first_stage"]["config"] == "identity" and "no parameters" in arms[1]["first_stage"]["source"]
+    # The same budget buys more steps where a step costs less; equal-parameter denoisers.
+    per_step = [arms[f]["gflop_per_step"] for f in (1, 2, 4, 8)]
+    assert per_step == sorted(per_step, reverse=True)
+    params = [arms[f]["denoiser"]["parameters"] for f in (1, 2, 4, 8)]
+    assert max(params) / min(params) < 1.1
+    budget = result["budget_tflop"]
+    for arm in arms.values():
+        assert arm["steps"] * arm["gflop_per_step"] / 1e3 <= budget * (1 + 1e-9)
+        assert [p["target"] for p in arm["curve"]] == [0.5, 1.0] and arm["curve"][-1]["step"] == arm["steps"]
+        assert all(0.0 <= p["class_accuracy"] <= 1.0 and positive(p["tflop"]) for p in arm["curve"])
+        assert positive(arm["train_seconds"]) and positive(arm["sampling"]["images_per_second"])
+        assert positive(arm["sampling"]["gflop_per_image"])
+    summary = result["summary"]
+    assert set(summary["compute_to_reach_pixel_final"]) == {"1", "2", "4", "8"}
+    assert set(summary["goal"]) >= {"compute_met", "sampling_met"}
+    for name in ("latent_vs_pixel_faithfulness.png", "latent_vs_pixel_throughput.png"):
+        assert (tmp_path / name).is_file()
+
+
+def test_denoiser_rule_gives_the_default_unet_at_f4():
+    rule = load_bench("latent_vs_pixel").unet_overrides
+    default = OmegaConf.load(ROOT / "conf" / "denoiser" / "unet.yaml")
+    expected = [f"denoiser.model_channels={default.model_channels}", "denoiser.channel_mult=[1,2]",
+                "denoiser.attention_resolutions=[2]"]
+    assert rule(4, 32, "equal_params") == expected == rule(4, 32, "same_base")
+    assert rule(1, 32, "equal_params") == ["denoiser.model_channels=16", "denoiser.channel_mult=[1,2,4,8]",
+                                           "denoiser.attention_resolutions=[8]"]
+    assert rule(1, 32, "same_base")[1:] == ["denoiser.channel_mult=[1,2,2,2]", "denoiser.attention_resolutions=[8]"]
+    with pytest.raises(SystemExit, match="2x2 latent"):
+        rule(16, 32, "equal_params")
+
+
+def test_scaling_quick(tmp_path):
+    result = run_quick("scaling", tmp_path)
+    points = {p["mode"]: p for p in result["points"]}
+    assert set(points) == {"train", "infer"}
+    for p in points.values():
+        assert (p["size"], p["latent"], p["batch"]) == (32, 8, 2)
+        for key in ("seconds_median", "seconds_best", "images_per_second", "gflop", "gflop_per_second"):
+            assert positive(p[key]), key
+        assert 0.0 < p["attention_share"] <= p["transformer_share"] < 1.0
+        assert math.isfinite(p["peak_rss_delta_mb"]) and p["peak_rss_delta_mb"] >= 0
+    assert 2.5 < points["train"]["gflop"] / points["infer"]["gflop"] < 3.5  # backward ~ 2x forward
+    assert set(result["summary"]) == {"train", "infer"}
+
+
+def test_replace_section_rewrites_only_its_block(tmp_path):
+    common = load_bench("study_common")
+    doc = tmp_path / "doc.md"
+    begin, end = common.markers("a")
+    doc.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
+    common.replace_section(doc, "a", "new table")
+    assert doc.read_text() == f"intro\n{begin}\nnew table\n{end}\noutro\n"
+    with pytest.raises(SystemExit, match="no block"):
+        common.replace_section(doc, "b", "x")
+
+
+def test_line_plot_draws_each_series(tmp_path):
+    path = line_plot({"a": [(10, 0.5), (20, 0.9)], "b": [(10, 0.2), (250, 0.3)]}, tmp_path / "p.png", title="t",
+                     x_label="x", y_label="y", log_x=True, y_range=(0.0, 1.0), reference=("ref", 0.8))
+    image = Image.open(path).convert("RGB")
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # the two series' colours
+    with pytest.raises(ValueError, match="nothing to plot"):
+        line_plot({"a": []}, tmp_path / "q.png", title="t", x_label="x", y_label="y")
