@@ -45,11 +45,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import add_output_options, compose_run, machine, output_paths, relative, replace_section, write_json  # noqa: E402
+from study_common import (  # noqa: E402
+    add_output_options, compose_run, machine, output_paths, relative, replace_section, write_json,
+)
 
 from ldmcore.config import validate  # noqa: E402
 from ldmcore.sampling import generate  # noqa: E402
-from ldmcore.system import build, build_system  # noqa: E402
+from ldmcore.system import DenoiserModel, LatentDiffusion, build, build_system  # noqa: E402
 from ldmcore.tasks import evaluate, grid_batch  # noqa: E402
 from ldmcore.training.first_stage import obtain_first_stage  # noqa: E402
 from ldmcore.training.loop import DenoisingLoss, LatentPool, train_denoiser  # noqa: E402
@@ -94,17 +96,18 @@ class Arm:
 
     f: int
     cfg: DictConfig
-    dataset: object
-    system: object
+    dataset: object  # the data source (the shapes world)
+    system: LatentDiffusion
     pool: LatentPool
     first_stage: dict
     flops_per_step: float
     steps: int = 0
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
-    ema: object = None
+    ema: DenoiserModel | None = None
     sample_flops: float = 0.0
     sample_seconds: list[float] = field(default_factory=list)
+    sampled: int = 0  # images per timed sampling
 
 
 def run_overrides(f: int, args) -> list[str]:
@@ -207,19 +210,24 @@ def measure_throughput(arms: list[Arm], samples: int, repeats: int) -> None:
     for r in range(repeats):
         for arm in arms if r % 2 == 0 else arms[::-1]:
             batch, n, _ = grid_batch(arm.system, arm.dataset, arm.cfg)
-            part = {k: v[:samples] for k, v in batch.items()}
+            arm.sampled = min(samples, n)
+            part = {k: v[: arm.sampled] for k, v in batch.items()}
             start = time.perf_counter()
-            generate(arm.system, arm.ema, part, min(samples, n), arm.cfg.sampler, torch.Generator().manual_seed(r))
+            generate(arm.system, arm.ema, part, arm.sampled, arm.cfg.sampler, torch.Generator().manual_seed(r))
             arm.sample_seconds.append(time.perf_counter() - start)
+
+
+def images_per_second(arm: Arm) -> float:
+    return arm.sampled / statistics.median(arm.sample_seconds)
 
 
 def first_reaching(curve: list[dict], score: str, target: float) -> dict | None:
     return next((p for p in sorted(curve, key=lambda p: p["tflop"]) if p[score] >= target), None)
 
 
-def summarize(arms: list[Arm], budget: float, samples: int, score: str) -> dict:
+def summarize(arms: list[Arm], budget: float, score: str) -> dict:
     by_f = {arm.f: arm for arm in arms}
-    rates = {arm.f: samples / statistics.median(arm.sample_seconds) for arm in arms}
+    rates = {arm.f: images_per_second(arm) for arm in arms}
     summary: dict = {"images_per_second": {str(f): r for f, r in rates.items()}}
     if 1 in by_f:
         target = by_f[1].curve[-1][score]
@@ -239,7 +247,7 @@ def summarize(arms: list[Arm], budget: float, samples: int, score: str) -> dict:
     return summary
 
 
-def arm_record(arm: Arm, samples: int) -> dict:
+def arm_record(arm: Arm) -> dict:
     unet = arm.system.model.unet
     return {"f": arm.f, "latent_shape": list(arm.system.latent_shape), "first_stage": arm.first_stage,
             "denoiser": {"model_channels": unet.model_channels, "channel_mult": list(arm.cfg.denoiser.channel_mult),
@@ -248,9 +256,8 @@ def arm_record(arm: Arm, samples: int) -> dict:
             "scale_factor": arm.pool.scale_factor, "batch_size": arm.cfg.trainer.batch_size,
             "gflop_per_step": arm.flops_per_step / 1e9, "steps": arm.steps, "train_seconds": arm.train_seconds,
             "train_gflop_per_second": arm.steps * arm.flops_per_step / 1e9 / arm.train_seconds,
-            "curve": arm.curve, "sampling": {"gflop_per_image": arm.sample_flops / 1e9, "images": samples,
-                                             "seconds": arm.sample_seconds,
-                                             "images_per_second": samples / statistics.median(arm.sample_seconds)}}
+            "curve": arm.curve, "sampling": {"gflop_per_image": arm.sample_flops / 1e9, "images": arm.sampled,
+                                             "seconds": arm.sample_seconds, "images_per_second": images_per_second(arm)}}
 
 
 def markdown(result: dict, plots: tuple[str, str]) -> str:
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
               "eval_samples": arms[0].curve[-1]["samples"], "eval_fractions": fractions,
               "sampler": arms[0].cfg.sampler.name, "sampler_steps": arms[0].cfg.sampler.steps,
               "guidance_scale": arms[0].cfg.sampler.guidance_scale, "quick": quick, "machine": machine(),
-              "arms": [arm_record(arm, samples) for arm in arms], "summary": summarize(arms, budget, samples, args.score)}
+              "arms": [arm_record(arm) for arm in arms], "summary": summarize(arms, budget, args.score)}
     write_json(json_path, result)
     plots = (images / f"{NAME}_faithfulness.png", images / f"{NAME}_throughput.png")
     pixel = result["summary"].get("pixel_final")

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import add_output_options, compose_run, machine, output_paths, relative, replace_section, write_json  # noqa: E402
+from study_common import (  # noqa: E402
+    add_output_options, compose_run, machine, output_paths, relative, replace_section, write_json,
+)
 
 from ldmcore.tasks import evaluate, grid_batch, load_trained, train  # noqa: E402
 from ldmcore.visualize import line_plot  # noqa: E402
@@ -144,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     json_path, images, doc = output_paths(args, NAME)
-    grid = {name: getattr(args, name) if getattr(args, name) is not None else (QUICK_GRID if args.quick else FULL_GRID)[name]
-            for name in FULL_GRID}
+    defaults = QUICK_GRID if args.quick else FULL_GRID
+    grid = {name: getattr(args, name) if getattr(args, name) is not None else defaults[name] for name in FULL_GRID}
     samples = args.samples or (18 if args.quick else 900)
     if samples < 1:
         raise SystemExit(f"--samples must be at least 1, got {samples}")
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             shutil.rmtree(folder, ignore_errors=True)  # the quick check's own scratch model
         elif (folder / "run").exists():
-            raise SystemExit(f"{folder / 'run'} exists: evaluate it with --checkpoint {folder / 'run'}, or remove it to train anew")
+            raise SystemExit(f"{folder / 'run'} exists: evaluate it with --checkpoint {folder / 'run'}, "
+                             "or remove it to train anew")
         print(f"no --checkpoint: training the class-conditional model in {folder}", flush=True)
         checkpoint, trained_with = train_model(folder, args.quick)
     system, dataset, cfg = load_trained(compose_run([f"checkpoint={checkpoint}", "trainer.grid_columns=1"]))
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     series = {name: [(p["nfe"], p[args.score]) for p in points if p["sampler"] == name] for name in grid}
     values = [p[args.score] for p in points]
     slow = reference_point(points)
-    line_plot({k: v for k, v in series.items() if v}, plot, title=f"{args.score} against denoiser evaluations ({points[0]['samples']} samples each)",
+    line_plot({k: v for k, v in series.items() if v}, plot,
+              title=f"{args.score} against denoiser evaluations ({points[0]['samples']} samples each)",
               x_label="denoiser evaluations per sample (NFE; a guided cond + uncond forward counts as 1)",
               y_label=args.score, log_x=True, y_range=(0.0, 1.0) if all(0 <= v <= 1 for v in values) else None,
               reference=(f"{slow['sampler']}, {slow['steps']} steps", slow[args.score]))

@@ -34,9 +34,19 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_common import add_output_options, compose_run, machine, output_paths, replace_section, write_json  # noqa: E402
+from study_common import (  # noqa: E402
+    add_output_options, compose_run, machine, output_paths, replace_section, write_json,
+)
+
+from ldmcore.config import validate  # noqa: E402
+from ldmcore.nn.attention import Attention, SpatialTransformer  # noqa: E402
+from ldmcore.system import build, build_system  # noqa: E402
 
 NAME = "scaling"
 FACTOR = 4  # the default first stage's downsampling factor: latent = size / 4
@@ -78,13 +88,6 @@ class SectionTimer:
 
 def measure_point(spec: dict) -> dict:
     """Time, attention share, peak RSS delta and FLOPs of one (size, batch, mode) point."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ldmcore.nn.attention import Attention, SpatialTransformer
-
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -149,11 +152,6 @@ def measure_point(spec: dict) -> dict:
 
 def denoiser_spec() -> tuple[dict, dict, list[int] | None, int]:
     """The run's UNet config, its derived sizes, the context's (L, D) and its parameter count."""
-    from omegaconf import OmegaConf
-
-    from ldmcore.config import validate
-    from ldmcore.system import build, build_system
-
     cfg = validate(compose_run(["+condition=class"]))
     dataset = build("data", cfg.data)
     system = build_system(cfg, dataset)
@@ -185,7 +183,8 @@ def summarize(points: list[dict]) -> dict:
         if not mine:
             continue
         sizes = sorted({p["size"] for p in mine})
-        common = [b for b in sorted({p["batch"] for p in mine}) if all(any(p["size"] == s and p["batch"] == b for p in mine) for s in sizes)]
+        measured = {(p["size"], p["batch"]) for p in mine}
+        common = [b for b in sorted({p["batch"] for p in mine}) if all((s, b) in measured for s in sizes)]
         batch = common[-1] if common else None
         at = {p["size"]: p for p in mine if p["batch"] == batch}
         largest = {s: max((p for p in mine if p["size"] == s), key=lambda p: p["batch"]) for s in sizes}
@@ -206,11 +205,12 @@ def markdown(result: dict) -> str:
              f"{m['torch']}, {result['points'][0]['threads']} threads, {m['date']}. Times are medians of "
              f"{result['repeats']} repeats; shares are of the same steps; memory is peak RSS over the RSS after building "
              "the model and inputs, one process per point.", "",
-             "| mode | size (latent) | batch | ms / step | images/s | GFLOP | GFLOP/s | transformer blocks | attention layers | peak RSS Δ MB |",
+             "| mode | size (latent) | batch | ms / step | images/s | GFLOP | GFLOP/s | transformer blocks "
+             "| attention layers | peak RSS Δ MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        lines.append(f"| {p['mode']} | {p['size']} ({p['latent']}x{p['latent']}) | {p['batch']} | {1000 * p['seconds_median']:.1f} | "
-                     f"{p['images_per_second']:.1f} | {p['gflop']:.2f} | {p['gflop_per_second']:.1f} | "
+        lines.append(f"| {p['mode']} | {p['size']} ({p['latent']}x{p['latent']}) | {p['batch']} | "
+                     f"{1000 * p['seconds_median']:.1f} | {p['images_per_second']:.1f} | {p['gflop']:.2f} | {p['gflop_per_second']:.1f} | "
                      f"{p['transformer_share']:.0%} | {p['attention_share']:.0%} | {p['peak_rss_delta_mb']:.0f} |")
     lines.append("")
     for mode, s in result["summary"].items():
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     repeats = args.repeats or (1 if args.quick else 3)
     bad = [s for s in sizes if s % (FACTOR * 2) or s < FACTOR * 2]
     if bad:
-        raise SystemExit(f"--sizes {bad}: each size must be a multiple of {FACTOR * 2} (latent = size / {FACTOR}, halved once by the UNet)")
+        raise SystemExit(f"--sizes {bad}: each size must be a multiple of {FACTOR * 2} "
+                         f"(latent = size / {FACTOR}, halved once by the UNet)")
     denoiser, derived, context, parameters = denoiser_spec()
     points = []
     start = time.perf_counter()

@@ -6,8 +6,9 @@ lower resolutions, batch 32. It is built as a diffusers ``UNet2DConditionModel``
 weights, saved, and loaded into ldmcore's ``UNet`` through ``ldmcore.interop`` (outputs asserted
 equal to 1e-4 before any timing); a small KL autoencoder (f=4) goes the same way for decoding.
 
-Measured, as medians over interleaved rounds (every variant once per round, the order reversed
-every other round, so that load from other processes falls on all of them alike):
+Measured over interleaved rounds (every variant once per round, the order reversed every other
+round): speeds from the median time, ratios as the median of each round's paired ratio, so that
+load from other processes falls on all variants alike and a burst of it cancels out:
 - forward: one denoiser forward in inference mode, images/s;
 - train: forward + backward + AdamW step, images/s;
 - GFLOP/s: FLOPs counted once with ``torch.utils.flop_counter`` (attention through the math
@@ -15,9 +16,9 @@ every other round, so that load from other processes falls on all of them alike)
   large square matmuls in this run's dtype;
 - sampling: 50 DDIM steps with classifier-free guidance + decode, diffusers' StableDiffusionPipeline
   (DDIMScheduler, SD v1's settings) against ldmcore's samplers, same noise (outputs asserted equal);
-- memory: each (framework, task) in a subprocess of its own: the peak RSS while running it (reset
-  after the models are built) minus the RSS before, on CPU; ``torch.cuda.max_memory_allocated``
-  above the allocation after building, on CUDA.
+- memory: each (framework, task) in a subprocess of its own that builds only its models: the peak
+  RSS while running it minus the RSS before (heap trimmed, peak reset), on CPU;
+  ``torch.cuda.max_memory_allocated`` above the allocation after building, on CUDA.
 
     python bench/vs_diffusers.py                        # CPU, fp32: writes the JSON and the table
     python bench/vs_diffusers.py --quick                # a smoke check: few rounds, 5 sampling steps
@@ -33,6 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
+import importlib
 import json
 import os
 import platform
@@ -71,6 +75,8 @@ SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_sta
                  beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1, clip_sample=False,
                  set_alpha_to_one=False)
 TOKENS, GUIDANCE = 77, 7.5
+# the memory probes' names for the sampling runs of `samplers`
+SAMPLE_RUNS = {"diffusers": "diffusers pipeline", "ldmcore": "ldmcore", "ldmcore-reuse": "ldmcore + reuse_context"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ldmcore changes of this issue, by the classes whose forward each one touched (for the ablation)
 CHANGES = {
@@ -146,7 +152,7 @@ def baseline_modules(source: str) -> types.SimpleNamespace:
         (folder / "ldmcore").rename(folder / package)
     (folder / package / "__init__.py").write_text("")
     sys.path.insert(0, str(folder))
-    nn_mod, denoiser = __import__(f"{package}.nn", fromlist=["x"]), __import__(f"{package}.denoiser", fromlist=["x"])
+    nn_mod, denoiser = importlib.import_module(f"{package}.nn"), importlib.import_module(f"{package}.denoiser")
     return types.SimpleNamespace(UNet=denoiser.UNet, classes={**vars(nn_mod), "UNet": denoiser.UNet})
 
 
@@ -197,8 +203,6 @@ def keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse (mallopt) instead of handing large blocks back
     to the kernel: otherwise every fresh activation-sized tensor costs page faults, on CPU often
     more than the op that fills it. It affects every library in the process alike."""
-    import ctypes
-
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
     ok = [libc.mallopt(m_mmap_threshold, 32 * 2**20),  # glibc's largest: blocks below come from the heap
@@ -230,12 +234,14 @@ def count_flops(fn: Callable) -> float:
 
 
 def summarize(times: dict, items: int, flops: float | None, reference: str) -> dict:
-    """Per case: median time, items/s, speed relative to ``reference`` and achieved GFLOP/s."""
-    ref = statistics.median(times[reference])
+    """Per case: median time, items/s, achieved GFLOP/s, and the speed relative to ``reference``
+    as the median over rounds of the paired ratio (the calls of one round ran back to back, so a
+    burst of load from other processes cancels out of their ratio)."""
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        out[name] = {"median_s": med, "per_s": items / med, "vs_diffusers": ref / med, "times_s": ts}
+        ratio = statistics.median(r / t for r, t in zip(times[reference], ts))
+        out[name] = {"median_s": med, "per_s": items / med, "vs_diffusers": ratio, "times_s": ts}
         if flops is not None:
             out[name]["gflops"] = flops / med / 1e9
     return out
@@ -280,6 +286,7 @@ def check_parity(folder: Path) -> dict:
 
 
 def network_benchmarks(folder: Path, args, device, dtype, base) -> dict:
+    """FLOP counts, then forward and train-step times of every variant, interleaved."""
     x, t, context = inputs(args.batch, device, dtype)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     variants = build_variants(folder, args, device, dtype, base)
@@ -312,7 +319,7 @@ def network_benchmarks(folder: Path, args, device, dtype, base) -> dict:
             optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5)
             fn = forward_call(framework, trained, x_cl if channels_last else x, t, context)
             steps[name] = _train_step(fn, optimizer, torch.randn_like(x))
-        train_times, train_first = interleaved(steps, max(2, args.rounds // 2), device)
+        train_times, train_first = interleaved(steps, args.rounds, device)
     compile_s = {n: {"forward": fwd_first[n] - statistics.median(fwd_times[n]),
                      "train": train_first[n] - statistics.median(train_times[n])} for n in variants if "compiled" in n}
     return {
@@ -336,9 +343,11 @@ def sdpa_context(backend: str):
     return nullcontext() if backend == "default" else sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend])
 
 
-def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool, seed: int = 2) -> dict[str, Callable]:
+def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool, only: str | None = None,
+             seed: int = 2) -> dict[str, Callable]:
     """name -> a function that samples ``batch`` images of 64 px, (B, 3, 64, 64) in [0, 1], from the
-    same noise and contexts: diffusers' pipeline, and ldmcore's sampler + first stage."""
+    same noise and contexts: diffusers' pipeline, and ldmcore's sampler + first stage; each with
+    models of its own. only: build just that one."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ldmcore.diffusion import classifier_free_guidance, sample_ddim
@@ -362,9 +371,9 @@ def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool,
 
     process = load_noise_process(folder)
     sigmas = diffusers_sigmas(SCHEDULER, steps, process.schedule).to(device)
-    vae = load("ldmcore", folder, "vae").to(device, dtype)
 
     def ldmcore_run(net, reuse: bool, channels_last: bool = False):
+        vae = load("ldmcore", folder, "vae").to(device, dtype)
         denoiser = process.denoiser(lambda z, t, c: net(z, t, c["crossattn"]))
         model = classifier_free_guidance(denoiser, {"crossattn": cond}, {"crossattn": uncond}, GUIDANCE)
         z_T = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise
@@ -376,27 +385,32 @@ def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool,
                 return (vae.decode(z0 / vae.scale_factor) / 2 + 0.5).clamp(0, 1)
         return run
 
-    theirs = load("diffusers", folder, "unet").to(device, dtype)
-    ours = load("ldmcore", folder, "unet").to(device, dtype)
-    runs = {
-        "diffusers pipeline": diffusers_run(theirs),
-        "ldmcore": ldmcore_run(ours, reuse=False),
-        "ldmcore + reuse_context": ldmcore_run(ours, reuse=True),
-        "ldmcore + reuse_context, channels-last": ldmcore_run(
-            copy.deepcopy(ours).to(memory_format=torch.channels_last), reuse=True, channels_last=True),
+    def theirs():
+        return load("diffusers", folder, "unet").to(device, dtype)
+
+    def ours(memory_format=torch.contiguous_format):
+        return load("ldmcore", folder, "unet").to(device, dtype, memory_format=memory_format)
+
+    factories = {
+        "diffusers pipeline": lambda: diffusers_run(theirs()),
+        "ldmcore": lambda: ldmcore_run(ours(), reuse=False),
+        "ldmcore + reuse_context": lambda: ldmcore_run(ours(), reuse=True),
+        "ldmcore + reuse_context, channels-last": lambda: ldmcore_run(
+            ours(torch.channels_last), reuse=True, channels_last=True),
     }
     if compile:
-        runs["diffusers pipeline compiled"] = diffusers_run(torch.compile(theirs))
-        runs["ldmcore compiled"] = ldmcore_run(torch.compile(ours), reuse=False)
-    return runs
+        factories["diffusers pipeline compiled"] = lambda: diffusers_run(torch.compile(theirs()))
+        factories["ldmcore compiled"] = lambda: ldmcore_run(torch.compile(ours()), reuse=False)
+    return {name: factories[name]() for name in ([only] if only else factories)}
 
 
 def sampling_benchmark(folder: Path, args, device, dtype) -> dict:
     runs = samplers(folder, args.sample_batch, args.steps, device, dtype, args.compile)
     log(f"sampling: {len(runs)} variants, {args.sample_rounds} rounds after one (compiling) run each")
     with sdpa_context(args.sdpa):
-        with torch.inference_mode():
-            images = {name: run().float() for name, run in runs.items()}  # also the warm-up (and compilation)
+        # each run's own grad mode (the pipeline's no_grad, ldmcore's inference_mode): a compiled
+        # network is compiled here, in the mode it is timed in
+        images = {name: run().float() for name, run in runs.items()}  # also the warm-up
         times, _ = interleaved(runs, args.sample_rounds, device, warmup=0)
     parity = {name: float((im - images["diffusers pipeline"]).abs().max()) for name, im in images.items()}
     if dtype == torch.float32:  # compiled kernels may sum in another order: not held to this
@@ -411,13 +425,15 @@ def sampling_benchmark(folder: Path, args, device, dtype) -> dict:
 
 
 def probe_memory(folder: Path, framework: str, task: str, args) -> dict:
-    """Run ``task`` twice with ``framework``'s models; the peak memory above what the built models
-    hold. CPU: the process's peak RSS, reset after building (Linux ``/proc/self/clear_refs``: loading
-    weights peaks higher than some tasks), minus the RSS then; CUDA: the allocator's peak."""
+    """Run ``task`` twice with ``framework``'s models (only those are built); the peak memory above
+    what the built models hold. CPU: the heap's free memory is handed back (``malloc_trim``), so
+    that the RSS is what is live, the peak RSS is reset to it (Linux ``/proc/self/clear_refs``:
+    loading weights peaks higher than some tasks), and the peak while running minus that RSS is
+    returned; CUDA: the allocator's peak over its allocation."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if task == "sample":
-        runs = samplers(folder, args.sample_batch, 3, device, dtype, compile=False)
-        run = runs["diffusers pipeline" if framework == "diffusers" else "ldmcore + reuse_context"]
+        name = SAMPLE_RUNS[framework]
+        run = samplers(folder, args.sample_batch, 3, device, dtype, compile=False, only=name)[name]
     else:
         unet = load(framework, folder, "unet").to(device, dtype)
         x, t, context = inputs(args.batch, device, dtype)
@@ -435,6 +451,8 @@ def probe_memory(folder: Path, framework: str, task: str, args) -> dict:
             run()
         torch.cuda.synchronize()
         return {"built_mib": before / 2**20, "peak_over_built_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap back to the kernel: the RSS is then what is live
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     before = _status_mib("VmRSS")
     for _ in range(2):
@@ -458,17 +476,18 @@ def _status_mib(field: str) -> float:
 def memory_benchmark(folder: Path, args) -> dict:
     method = ("torch.cuda.max_memory_allocated over the allocation after building, one subprocess per cell"
               if args.device == "cuda" else
-              "peak RSS (VmHWM, reset after building) over the RSS after building the models, one subprocess per cell")
+              "peak RSS (VmHWM) while running, over the RSS after building the models and trimming the heap; "
+              "one subprocess per cell, building only its models")
     out: dict = {"method": method}
     log("memory probes")
     for task in ("forward", "train", "sample"):
         out[task] = {}
-        for framework in ("diffusers", "ldmcore"):
-            command = [sys.executable, __file__, "--probe", framework, task, "--folder", str(folder), *_shared_args(args)]
+        for name in SAMPLE_RUNS if task == "sample" else ("diffusers", "ldmcore"):
+            command = [sys.executable, __file__, "--probe", name, task, "--folder", str(folder), *_shared_args(args)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
-                raise RuntimeError(f"memory probe {framework}/{task} failed:\n{done.stderr[-2000:]}")
-            out[task][framework] = json.loads(done.stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"memory probe {name}/{task} failed:\n{done.stderr[-2000:]}")
+            out[task][name] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -518,7 +537,8 @@ def render(result: dict, json_path: Path) -> str:
         f"Measured {m['date']} on {m['machine']} ({m['threads']} threads), {m['dtype']}, attention kernel: {m['sdpa']}, "
         f"{'malloc keeping freed memory, ' if m.get('keep_freed_memory') else ''}torch {m['torch']}, "
         f"diffusers {m['diffusers']}; load average {m['load_start'][0]:.2f} at the start, {m['load_end'][0]:.2f} at the end"
-        f"{' (QUICK: a smoke run, not a measurement)' if m['quick'] else ''}. Command: `{m['command']}`.",
+        f"{' (QUICK: a smoke run, not a measurement)' if m['quick'] else ''}. Command: `{m['command']}`."
+        f"{' Note: ' + m['note'] + '.' if m.get('note') else ''}",
         f"Matmul peak ({m['peak_n']}³, best of 5 at the start and 5 at the end): **{m['peak_gflops']:.0f} GFLOP/s**. FLOPs per call: forward "
         f"{result['flops']['forward_gflop']:.1f} GFLOP (diffusers' count: {result['flops']['forward_gflop_diffusers']:.1f}), "
         f"train step {result['flops']['train_gflop']:.1f} GFLOP. Parity: UNet max |Δ| {result['parity']['unet_max_abs']:.1e}, "
@@ -542,8 +562,12 @@ def render(result: dict, json_path: Path) -> str:
         mem = result["memory"]
         lines += ["", f"Memory: {mem['method']}.", "", "| task | diffusers MiB | ldmcore MiB | ldmcore / diffusers |", "|---|---|---|---|"]
         for task in ("forward", "train", "sample"):
-            d, o = mem[task]["diffusers"]["peak_over_built_mib"], mem[task]["ldmcore"]["peak_over_built_mib"]
-            lines.append(f"| {task} | {d:.0f} | {o:.0f} | {o / max(d, 1e-9):.2f} |")
+            d = mem[task]["diffusers"]["peak_over_built_mib"]
+            for name, cell in mem[task].items():
+                if name != "diffusers":
+                    label = task if name == "ldmcore" else f"{task}, {SAMPLE_RUNS[name]}"
+                    o = cell["peak_over_built_mib"]
+                    lines.append(f"| {label} | {d:.0f} | {o:.0f} | {o / max(d, 1e-9):.2f} |")
     lines += ["", "| goal | measured | by | met |", "|---|---|---|---|"]
     lines += [f"| {g['goal']} | {g['measured']:.2f} | {g['by']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
     return "\n".join(lines + [end])
@@ -580,7 +604,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--sample-batch", type=int, default=16, help="images per sampling run (the guided forward is twice this)")
-    parser.add_argument("--rounds", type=int, default=None, help="forward rounds (train: half as many)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of forward and of train steps (default 15, quick 3)")
     parser.add_argument("--baseline", default=None,
                         help="an older ldmcore to add and ablate against: a git revision, or a folder holding its ldmcore/")
     parser.add_argument("--keep-freed-memory", action="store_true",

@@ -51,7 +51,11 @@ class AutoencoderConfig:
     model: Any = None
     train: FirstStageTrainConfig = field(default_factory=FirstStageTrainConfig)
     gate: FirstStageGateConfig = field(default_factory=FirstStageGateConfig)
+    # an ldmcore first stage (run / checkpoint folder, .safetensors), a diffusers AutoencoderKL (or
+    # pipeline) folder, or a CompVis / SD single file (ldmcore/training/pretrained.py)
     pretrained: Optional[str] = None
+    allow_pickle: bool = False  # read a pickled pretrained file (.ckpt/.pt/.bin), restricted unpickler
+    scale_factor: Optional[float] = None  # latent scale; None: 1/std measured on the run's data
 
 
 @dataclass
@@ -100,6 +104,8 @@ class TrainerConfig:
     device: str = choice("cpu", "cuda", default="cpu")  # where the denoiser trains (cuda: the local rank's GPU)
     precision: str = choice("fp32", "bf16", default="fp32")  # bf16: autocast of the forward pass
     grad_accumulation: int = 1  # micro-batches per update (batch_size stays the global batch)
+    latents: str = choice("pool", "stream", default="pool")  # pool: encode the data once | stream: each batch as read
+    scale_batches: int = 8  # stream: the scale factor is 1/std over the latents of this many first batches
 
 
 @dataclass
@@ -141,8 +147,23 @@ _SUBSCHEMAS = {
 }
 
 
+def _required(schema_type, node: DictConfig, path: str) -> list[str]:
+    """The schema's options that ``node`` leaves required (``???``): merged with the schema's
+    defaults they would be lost in silence. (Model sections keep theirs; ``system.build`` names them.)"""
+    found = []
+    for f in fields(schema_type):
+        if OmegaConf.is_missing(node, f.name):  # (``in`` is False for a ``???`` value)
+            found.append(path + f.name)
+        elif (schema_type, f.name) in _SUBSCHEMAS and isinstance(node.get(f.name), DictConfig):
+            found += _required(_SUBSCHEMAS[schema_type, f.name], node[f.name], f"{path}{f.name}.")
+    return found
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check ``cfg`` against the schemas; return it typed (ints are ints, floats floats)."""
+    required = _required(RunConfig, cfg, "")
+    if required:
+        raise ConfigError(f"{required[0]} is required: give it on the command line, e.g. {required[0]}=...")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     except OmegaConfBaseException as error:
@@ -152,6 +173,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if typed.trainer.grad_accumulation < 1 or typed.trainer.batch_size % typed.trainer.grad_accumulation:
         raise ConfigError(f"trainer.grad_accumulation={typed.trainer.grad_accumulation} must be >= 1 and divide "
                           f"trainer.batch_size={typed.trainer.batch_size}")
+    if typed.autoencoder.scale_factor is not None and typed.autoencoder.scale_factor <= 0:
+        raise ConfigError(f"autoencoder.scale_factor must be > 0 (or null: 1/std measured on the data), got {typed.autoencoder.scale_factor}")
     if typed.sample_scale < 1:
         raise ConfigError(f"sample_scale must be a whole number >= 1 (1 = the training resolution), got {typed.sample_scale}")
     for name, options in (typed.condition or {}).items():

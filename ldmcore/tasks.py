@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmcore.config import ConfigError, validate
 from ldmcore.data.base import DataInfo, skip_summary
+from ldmcore.data.stream import data_config, head, streams
 from ldmcore.sampling import generate, guidance_plan
 from ldmcore.pluginmanager import installed
 from ldmcore.system import build, build_system, set_threads
@@ -21,6 +22,7 @@ from ldmcore.training import distributed
 from ldmcore.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
 from ldmcore.training.first_stage import obtain_first_stage
 from ldmcore.training.loop import LatentPool, train_denoiser
+from ldmcore.training.streaming import LatentStream, estimate_scale_factor
 from ldmcore.visualize import save_grid, save_image
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,10 @@ def grid_batch(system, dataset, cfg: DictConfig) -> tuple[dict, int, list[str] |
             break
     n = rows * columns
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    drawn = dataset.batch(torch.randint(len(dataset), (n,), generator=generator).tolist())
+    if streams(dataset):  # nothing to index: the data's first n samples
+        drawn = head(dataset, n)
+    else:
+        drawn = dataset.batch(torch.randint(len(dataset), (n,), generator=generator).tolist())
     return {**drawn, **planned}, n, labels
 
 
@@ -142,7 +147,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    dataset = build("data", cfg.data)
+    dataset = build("data", data_config(cfg.data, cfg.trainer.latents))  # stream mode: its streaming form, if any
     system = build_system(cfg, dataset)  # checks plugins and batch keys before any work
     scoring_conditions(system, cfg.score_with)  # a bad score_with fails now, not after training
     resume = None
@@ -172,11 +177,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         system.first_stage.eval().requires_grad_(False)
     first_stage_seconds = time.perf_counter() - start
 
-    pool = distributed.on_main(lambda: LatentPool.encode(system.first_stage, dataset, seed=cfg.seed), ctx)
+    if cfg.trainer.latents == "stream":  # no pool: each batch is encoded as it is read (docs/data.md "Streaming")
+        measured = distributed.on_main(lambda: estimate_scale_factor(
+            system.first_stage, dataset, cfg.trainer.scale_batches, cfg.trainer.batch_size, cfg.seed), ctx)
+        latents = LatentStream(system.first_stage, dataset, measured, cfg.seed)
+    else:
+        latents = distributed.on_main(lambda: LatentPool.encode(system.first_stage, dataset, seed=cfg.seed), ctx)
     if resume is not None:
-        pool.scale_factor = resume["state"]["scale_factor"]
-    system.first_stage.scale_factor.fill_(pool.scale_factor)
-    result = train_denoiser(system, dataset, pool, cfg, run_dir, resume,
+        latents.scale_factor = resume["state"]["scale_factor"]
+    elif cfg.autoencoder.scale_factor is not None:  # given (e.g. a pretrained VAE's own) instead of the measured 1/std
+        log.info("latent scale factor %s as given (1/std measured on this data: %.5f)", cfg.autoencoder.scale_factor, latents.scale_factor)
+        latents.scale_factor = cfg.autoencoder.scale_factor
+    system.first_stage.scale_factor.fill_(latents.scale_factor)
+    result = train_denoiser(system, dataset, latents, cfg, run_dir, resume,
                             on_sample=lambda step, ema: evaluate(system, ema, dataset, cfg, run_dir, f"samples/step_{step:07d}.png"))
     if not ctx.is_main:  # rank 0 writes the grid and the metrics
         return {key: result[key] for key in ("stopped_by", "step", "skipped_steps")}
@@ -218,7 +231,7 @@ def load_trained(cfg: DictConfig):
     for section in MODEL_SECTIONS:  # the model is the checkpoint's; sampler, seed and grid are this run's
         OmegaConf.update(merged, section, saved_cfg.get(section) or {}, merge=False)
     merged = validate(merged)
-    dataset = build("data", merged.data)
+    dataset = build("data", data_config(merged.data, merged.trainer.latents))
     system = build_system(merged, dataset)
     load_module_state(system.first_stage, tensors, "first_stage", source=str(folder))
     load_module_state(system.model, tensors, "ema", source=str(folder))

@@ -248,7 +248,8 @@ def test_streamed_samples_have_the_keys_and_a_stable_mask(tmp_path):
     assert torch.allclose(batch["boxes"][0], torch.tensor([[2 / 40, 2 / 40, 12 / 40, 12 / 40]]))  # a square: no crop
     assert all(torch.equal(a["mask"], b["mask"]) for a, b in zip(first, second))  # a sample's mask is a function of its key
     info = data_info(stream)
-    assert info.provides == stream.provides and info.values is None  # a stream cannot list its items
+    assert info.provides == stream.provides
+    assert info.values("caption", 2) == ["sample 0", "sample 1"]  # a stream lists its first items (a tokenizer's captions)
 
 
 def test_training_pool_is_the_same_in_every_process(tmp_path, monkeypatch):

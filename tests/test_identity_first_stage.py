@@ -32,8 +32,8 @@ def test_identity_encodes_and_decodes_images_unchanged():
 def test_identity_refuses_tensors_of_other_channels():
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(2, 4, 8, 8\)"):
         IdentityFirstStage().decode(torch.zeros(2, 4, 8, 8))
-    with pytest.raises(ValueError, match="channels must be at least 1"):
-        IdentityFirstStage(channels=0)
+    with pytest.raises(ValueError, match="latent_channels must be at least 1"):
+        IdentityFirstStage(latent_channels=0)
 
 
 def test_identity_is_not_trained_or_cached_and_passes_the_gate(tmp_path):

@@ -16,19 +16,19 @@ from .vq import PointPosterior
 
 
 class IdentityFirstStage(LatentAutoencoder):
-    """encode(x) = x and decode(z) = z: latents are the images themselves, (B, channels, H, W).
+    """encode(x) = x and decode(z) = z: latents are the images themselves, (B, C, H, W).
 
-    channels: the image channels, which are also the latent channels (3 for RGB).
+    latent_channels: C, the image channels, which are the latent channels too (3 for RGB).
     scale_factor: as for every first stage, set on the data to give unit-variance latents.
     """
 
     downsample_factor = 1
 
-    def __init__(self, channels: int = 3, scale_factor: float = 1.0):
+    def __init__(self, latent_channels: int = 3, scale_factor: float = 1.0):
         super().__init__(scale_factor)
-        if channels < 1:
-            raise ValueError(f"autoencoder.model.channels must be at least 1, got {channels}")
-        self.latent_channels = channels
+        if latent_channels < 1:
+            raise ValueError(f"autoencoder.model.latent_channels must be at least 1, got {latent_channels}")
+        self.latent_channels = latent_channels
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.latent_channels:
@@ -36,11 +36,11 @@ class IdentityFirstStage(LatentAutoencoder):
         return x
 
     def encode(self, x: torch.Tensor) -> PointPosterior:
-        """x: (B, channels, H, W) in [-1, 1] -> a point posterior at x itself (std 0, no KL)."""
+        """x: (B, C, H, W) in [-1, 1] -> a point posterior at x itself (std 0, no KL)."""
         return PointPosterior(self._check(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: unscaled latent (B, channels, H, W) -> the same tensor, as the image."""
+        """z: unscaled latent (B, C, H, W) -> the same tensor, as the image."""
         return self._check(z)
 
     def encode_tiled(self, x: torch.Tensor, tile: int, overlap: int) -> PointPosterior:

@@ -58,7 +58,8 @@ def data_info(dataset) -> DataInfo:
         provides=tuple(dataset.provides),
         class_names=tuple(getattr(dataset, "class_names", ())),
         reader=getattr(dataset, "reader", None),
-        values=partial(pool_values, dataset) if enumerable else None,
+        # A stream lists the values of its first items only where it says so (TarShards.values).
+        values=partial(pool_values, dataset) if enumerable else getattr(dataset, "values", None),
     )
 
 

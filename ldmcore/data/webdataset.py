@@ -20,12 +20,14 @@ Shards are split first across processes (rank ``r`` of ``world_size`` reads shar
 every shard is read by exactly one worker of one process.
 
 Two ways to read them:
-- ``TarShards``: a streaming ``IterableDataset``, split across processes and DataLoader workers
-  (for data larger than a disk, read by a DataLoader);
-- ``WebDataset``: what training uses. The training encodes a latent pool once over a finite,
-  indexable dataset and gives each process its rows of every global batch, so this reads the
-  shards once, in order, up to ``size`` samples, the same ones in every process, and keeps
-  them decoded at the training resolution in memory (uint8).
+- ``TarShards``: a streaming source. As an ``IterableDataset`` it is split across processes and
+  DataLoader workers (for a DataLoader); as a streaming source of ``ldmcore.data.stream`` (units =
+  shards) it is what ``trainer.latents=stream`` trains on, every process reading its own shards
+  in a shuffled order per epoch (``WebDataset.streamed`` builds it from the same options);
+- ``WebDataset``: what ``trainer.latents=pool`` (the default) trains on. The training encodes a
+  latent pool once over a finite, indexable dataset and gives each process its rows of every
+  global batch, so this reads the shards once, in order, up to ``size`` samples, the same ones in
+  every process, and keeps them decoded at the training resolution in memory (uint8).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ldmcore.config import ConfigError
 from ldmcore.data.annotations import check_caption, check_label, check_objects, check_options, check_size
 from ldmcore.data.skips import BadSample, SkipLog
 from ldmcore.data.source import ALWAYS, NO_BOXES, Record, RealSource, decode, random_mask, read_segmentation, to_batch
+from ldmcore.data.stream import head_items
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,7 @@ class TarShards(torch.utils.data.IterableDataset):
     """
 
     reader = None
+    streaming = True  # read in units (shards) by ldmcore.data.stream, never indexed
 
     def __init__(self, shards, resolution: int = 64, class_names: Sequence[str] = (), small_images: str = "skip",
                  max_skip_fraction: float = 0.01, seed: int = 0, rank: int | None = None, world_size: int | None = None):
@@ -192,6 +196,8 @@ class TarShards(torch.utils.data.IterableDataset):
         self.shards = list_shards(shards)
         self.rank, self.world_size = process_rank(rank, world_size)
         self.provides = self._first_sample_keys()
+        # Skips of what this process reads through ``items`` (the training stream, its head).
+        self.skips, self.items_read = SkipLog(f"webdataset rank {self.rank}", self.max_skip_fraction), 0
         if not self.class_names and ({"boxes", "class_label", "segmentation"} & set(self.provides)):
             raise ConfigError(f"the samples of {self.shards[0]} carry labels (objects, cls or seg.png); name the classes with "
                               f"data.class_names=[...] (index = label)")
@@ -261,6 +267,44 @@ class TarShards(torch.utils.data.IterableDataset):
             raise members
         return decode(self.record(name, members), self.resolution, self.small_images)
 
+    def sample(self, name: str, members: dict[str, bytes] | BadSample) -> tuple[dict, np.ndarray]:
+        """One sample decoded (see ``decoded``) and its mask: the sample's own, or a random one
+        seeded by ``data.seed`` and the sample's key (the same in every read)."""
+        sample = self.decoded(name, members)
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        return sample, sample["mask"] if "mask" in sample else random_mask(rng, self.resolution, sample.get("boxes", NO_BOXES))
+
+    # --- the streaming source of ldmcore.data.stream: units are shards ---------------------------
+
+    @property
+    def units(self) -> int:
+        return len(self.shards)
+
+    def items(self, unit: int, skip: int = 0) -> Iterator[tuple[dict, np.ndarray] | None]:
+        """Shard ``unit``'s samples in order (see ``sample``) after its first ``skip`` raw samples,
+        which are passed over undecoded; a bad sample is counted in ``skips`` and given as None.
+        DataError once more than ``max_skip_fraction`` of the samples read were bad."""
+        for i, (name, members) in enumerate(read_shard(self.shards[unit])):
+            if i < skip:
+                continue
+            self.items_read += 1
+            try:
+                yield self.sample(name, members)
+            except BadSample as bad:
+                self.skips.record(bad.skip)
+                self.skips.check(max(self.items_read, STREAM_MIN_ITEMS))
+                yield None
+
+    def collate(self, items: list[tuple[dict, np.ndarray]]) -> dict:
+        """Samples of ``items`` -> a batch keyed as ``provides`` (see ``ldmcore.data.source.to_batch``)."""
+        return to_batch([sample for sample, _ in items], [mask for _, mask in items], self.provides)
+
+    def values(self, key: str, limit: int | None = None) -> list:
+        """The values of batch key ``key`` over the first ``limit`` samples in shard order (every
+        sample of every shard for None), e.g. captions to fit a tokenizer."""
+        items = head_items(self, limit)
+        return list(self.collate(items)[key]) if items else []
+
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -274,13 +318,11 @@ class TarShards(torch.utils.data.IterableDataset):
             for name, members in read_shard(shard):
                 seen += 1
                 try:
-                    sample = self.decoded(name, members)
+                    sample, mask = self.sample(name, members)
                 except BadSample as bad:
                     skips.record(bad.skip)
                     skips.check(max(seen, STREAM_MIN_ITEMS))
                     continue
-                rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
-                mask = sample["mask"] if "mask" in sample else random_mask(rng, self.resolution, sample.get("boxes", NO_BOXES))
                 yield {key: value[0] for key, value in to_batch([sample], [mask], self.provides).items()}
             skips.check(max(seen, STREAM_MIN_ITEMS))
 
@@ -293,6 +335,14 @@ class WebDataset(RealSource):
     global batch drawn by index (docs/scaling.md), so the index space must be the same everywhere.
     (``TarShards`` is the per-process split, for streaming consumers.)
     """
+
+    @classmethod
+    def streamed(cls, shards, resolution: int = 64, class_names: Sequence[str] = (), small_images: str = "skip",
+                 max_skip_fraction: float = 0.01, seed: int = 0, size: int | None = None) -> TarShards:
+        """The streaming form of the same options (``trainer.latents=stream``): every shard,
+        nothing held in memory. ``size`` is checked but does not apply (a stream reads all)."""
+        check_size(size)
+        return TarShards(shards, resolution, class_names, small_images, max_skip_fraction, seed)
 
     def __init__(self, shards, resolution: int = 64, class_names: Sequence[str] = (), small_images: str = "skip",
                  max_skip_fraction: float = 0.01, seed: int = 0, size: int | None = 10_000):

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,15 +24,16 @@ from tqdm import tqdm
 
 from ldmcore.autoencoder.losses import reconstruction_loss
 from ldmcore.config import ConfigError, FirstStageTrainConfig
+from ldmcore.data.stream import RankStream, head, streams
 from ldmcore.training.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     load_module_state,
     module_tensors,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from ldmcore.training.optim import lr_factor
+from ldmcore.training.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,12 @@ class FirstStageRejected(RuntimeError):
     """The first stage's reconstructions are below the gate: no denoiser is trained on it."""
 
 
-def cache_key(cfg: DictConfig) -> str:
-    """Same data config + autoencoder config + seed -> same trained first stage."""
+def cache_key(cfg: DictConfig, streamed: bool = False) -> str:
+    """Same data config + autoencoder config + seed -> same trained first stage. ``streamed``: it
+    was trained on the data read as a stream (another sequence of batches than drawn by index)."""
     spec = {"data": cfg.data, "model": cfg.autoencoder.model, "train": cfg.autoencoder.train, "seed": cfg.seed}
+    if streamed:
+        spec["streamed"] = True
     text = json.dumps(OmegaConf.to_container(OmegaConf.create(spec), resolve=True), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -58,6 +63,8 @@ def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> l
     on, a patch discriminator with adaptive weight (when discriminator_weight > 0).
 
     options: ``autoencoder.train`` (missing options take FirstStageTrainConfig's defaults).
+    dataset: indexable (batches drawn at random), or a streaming source, read in order as one
+    process of one (``ldmcore.data.stream``).
     Returns the history, every 50 steps and at the last: loss terms and the first stage's
     metrics (e.g. codebook perplexity and usage)."""
     options = OmegaConf.merge(OmegaConf.structured(FirstStageTrainConfig), options)
@@ -68,11 +75,12 @@ def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> l
     history = []
     autoencoder.train()
     start = time.perf_counter()
+    images = image_batches(dataset, options.batch_size, generator, seed)
     bar = tqdm(range(options.steps), desc="first stage", dynamic_ncols=True, mininterval=2.0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = options.lr * lr_factor(step, options.steps, options.warmup_steps, "cosine")
-        x = dataset.batch(torch.randint(len(dataset), (options.batch_size,), generator=generator).tolist())["image"]
+        x = next(images)  # (B, 3, H, W)
         # latent_noise: robustness of the decoder to slightly-off latents (CALIBRATION.md)
         out = autoencoder.reconstruct(x, generator=generator, latent_noise=options.latent_noise)
         rec = reconstruction_loss(x, out.image, edge_strength=options.edge_strength)
@@ -99,6 +107,18 @@ def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> l
             bar.set_postfix(loss=f"{loss.item():.4f}")
     autoencoder.eval()
     return history
+
+
+def image_batches(dataset, batch_size: int, generator: torch.Generator, seed: int) -> Iterator[torch.Tensor]:
+    """Training images (B, 3, H, W) in [-1, 1], batch after batch: drawn by index from
+    ``generator`` (one draw per batch, when it is asked for), or a streaming source's samples in
+    the order of its epochs (``seed``), as one process reads them."""
+    if streams(dataset):
+        stream = RankStream(dataset, seed)
+        while True:
+            yield stream.next_batch(batch_size)["image"]
+    while True:
+        yield dataset.batch(torch.randint(len(dataset), (batch_size,), generator=generator).tolist())["image"]
 
 
 def _regularizer_weight(options: DictConfig, name: str) -> float:
@@ -130,14 +150,17 @@ def _discriminator(options: DictConfig):
 
 @torch.no_grad()
 def measure(autoencoder, dataset, reader, images: int, seed: int = 1234) -> dict:
-    """PSNR of posterior-mode reconstructions and, with an exact reader, the fraction read back
-    as the same objects (same labels, boxes within 1 px) as the originals."""
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(dataset), generator=generator)[:images].tolist()
-    x = dataset.batch(indices)["image"]
+    """PSNR of posterior-mode reconstructions of ``images`` images (drawn at random, or a
+    streaming source's first ones) and, with an exact reader, the fraction read back as the same
+    objects (same labels, boxes within 1 px) as the originals."""
+    if streams(dataset):
+        x = head(dataset, images)["image"]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        x = dataset.batch(torch.randperm(len(dataset), generator=generator)[:images].tolist())["image"]
     recon = torch.cat([autoencoder.decode(autoencoder.encode(part).mode()) for part in x.split(128)]).clamp(-1, 1)
     mse = ((x - recon) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    metrics = {"psnr": float((10 * torch.log10(4.0 / mse)).mean()), "images": len(indices)}
+    metrics = {"psnr": float((10 * torch.log10(4.0 / mse)).mean()), "images": len(x)}
     if reader is not None:
         same = [_same_objects(a, b) for a, b in zip(reader.read_batch(x), reader.read_batch(recon))]
         metrics["readback"] = sum(same) / len(same)
@@ -153,20 +176,21 @@ def _same_objects(original, reconstructed) -> bool:
 
 
 def obtain_first_stage(cfg: DictConfig, dataset, reader, run_dir: Path):
-    """Load ``autoencoder.pretrained``, reuse a cached first stage of the same config, or train
-    one (and cache it); a first stage without parameters is used as built. Then measure it,
-    record the numbers and enforce the gate."""
+    """Load ``autoencoder.pretrained`` (ldmcore's own, diffusers or CompVis / SD weights, see
+    ldmcore/training/pretrained.py), reuse a cached first stage of the same config, or train one
+    (and cache it); a first stage without parameters is used as built. Then measure it, record
+    the numbers and enforce the gate."""
     autoencoder = instantiate(cfg.autoencoder.model)
     record: dict = {}
     if next(autoencoder.parameters(), None) is None:  # e.g. the pixel-space identity: nothing to train, load or cache
+        if cfg.autoencoder.pretrained:
+            raise ConfigError(f"autoencoder.pretrained is set, but autoencoder.model ({cfg.autoencoder.model._target_}) "
+                              "has no weights to load: leave it null, or choose a first stage with weights")
         record["source"] = f"{cfg.autoencoder.model._target_} (no parameters)"
     elif cfg.autoencoder.pretrained:
-        path = Path(cfg.autoencoder.pretrained).expanduser()
-        file = path if path.suffix == ".safetensors" else resolve_checkpoint(path) / MODEL_FILE
-        load_module_state(autoencoder, load_file(str(file)), "first_stage", source=str(file))
-        record["source"] = str(file)
+        record = load_pretrained(autoencoder, cfg.autoencoder)
     else:
-        folder = Path(cfg.cache_dir).expanduser() / "first_stage" / cache_key(cfg)
+        folder = Path(cfg.cache_dir).expanduser() / "first_stage" / cache_key(cfg, streams(dataset))
         if (folder / MODEL_FILE).is_file():
             load_module_state(autoencoder, load_file(str(folder / MODEL_FILE)), "first_stage", source=str(folder))
             record = {"source": str(folder), "reused": True}

@@ -22,11 +22,14 @@ from tqdm import tqdm
 from ldmcore.conditioning import apply_denoiser_net
 from ldmcore.config import ConfigError
 from ldmcore.data.base import skipped_items
+from ldmcore.data.stream import StreamPosition
+from ldmcore.sampling import slice_batch
 from ldmcore.training import distributed
 from ldmcore.training.checkpoint import load_module_state, module_tensors, save_run_checkpoint, write_text_atomic
 from ldmcore.training.ema import EMA
 from ldmcore.training.optim import load_optimizer_tensors, lr_factor, optimizer_tensors
 from ldmcore.training.signals import stop_on_signals
+from ldmcore.training.streaming import LatentStream
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,13 @@ def shard_rows(batch_size: int, accumulation: int, ctx: distributed.Context) -> 
     return [slice(first + i * micro, first + (i + 1) * micro) for i in range(accumulation)]
 
 
-def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: Path, resume: dict | None = None,
-                   on_sample=None) -> dict:
+def train_denoiser(system, dataset, latents: LatentPool | LatentStream, cfg: DictConfig, run_dir: Path,
+                   resume: dict | None = None, on_sample=None) -> dict:
     """Train ``system.model`` up to ``cfg.trainer.steps`` steps (docs/reliability.md).
+
+    latents: the ``LatentPool`` of ``dataset`` (``trainer.latents=pool``), or a ``LatentStream``
+    (``stream``): each process then reads its own next B / W samples every step and encodes them
+    (docs/data.md "Streaming"); everything random is drawn as in pool mode.
 
     resume: ``{"tensors", "state", "folder"}`` of a checkpoint of this same model; training
     continues exactly where it stopped (weights, EMA, optimizer, every RNG, step, skip count).
@@ -119,6 +126,8 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
     generator = torch.Generator().manual_seed(cfg.seed)  # data order, t, noise, condition dropout: same on every rank
     if ctx.rank > 0:  # torch's global generator (dropout layers): a stream of its own per rank
         torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
+    streaming = isinstance(latents, LatentStream)
+    latent_shape = (opts.batch_size, *system.latent_shape)  # (B, C, h, w)
     step, elapsed, skipped, last_checkpoint = 0, 0.0, 0, None
     # The EMA at an early step, kept as the weak model of autoguidance (ldmcore/diffusion/autoguidance.py).
     snapshot_step = round(opts.guide_snapshot * opts.steps) if opts.guide_snapshot > 0 else None
@@ -130,6 +139,9 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
         if step > opts.steps:
             raise ConfigError(f"trainer.steps={opts.steps} is below the checkpoint's step {step}; raise it to train further")
         log.info("resuming at step %d from %s", step, last_checkpoint)
+    position = stream_position(resume, ctx, "stream" if streaming else "pool")  # this rank's, from the checkpoint
+    reader = latents.open(ctx.rank, ctx.world_size, device, position) if streaming else None  # stream mode's data
+    first_row = rows[0].start  # this rank's first row of the global batch
 
     def checkpoint(at_step: int) -> Path:
         """Called on every rank (the RNG states are gathered); rank 0 writes."""
@@ -143,7 +155,9 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
                    **{f"rng.torch.rank{r}": s for r, s in enumerate(rng_states) if r > 0}}
         state = {"step": at_step, "ema_updates": ema.num_updates, "skipped_steps": skipped,
                  "elapsed": elapsed + time.perf_counter() - start, "world_size": ctx.world_size,
-                 "optimizer_param_groups": groups, "scale_factor": pool.scale_factor}
+                 "optimizer_param_groups": groups, "scale_factor": latents.scale_factor}
+        if streaming:  # what each rank has read, so that a resume reads on from there
+            state.update(latents="stream", stream=[p.as_dict() for p in distributed.gather_object(reader.position, ctx)])
         return distributed.on_main(
             lambda: save_run_checkpoint(run_dir / "checkpoints", at_step, tensors, state, cfg, opts.keep_checkpoints), ctx)
 
@@ -159,18 +173,27 @@ def train_denoiser(system, dataset, pool: LatentPool, cfg: DictConfig, run_dir: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # The global batch's randomness, drawn whole on every rank; each rank then takes its rows.
-            indices = torch.randint(len(dataset), (opts.batch_size,), generator=generator)
-            z0 = pool.sample(indices, generator)  # (B, C, h, w), unit variance
+            if streaming:  # this rank's own next B / W samples; the posterior noise of the whole batch
+                own = reader.next_batch(opts.batch_size // ctx.world_size)
+                posterior_noise = torch.randn(latent_shape, generator=generator)  # (B, C, h, w)
+            else:
+                indices = torch.randint(len(dataset), (opts.batch_size,), generator=generator)
+                z0 = latents.sample(indices, generator)  # (B, C, h, w), unit variance
             t = process.sample_t(opts.batch_size, generator=generator)
-            noise = torch.randn(z0.shape, generator=generator)
+            noise = torch.randn(latent_shape, generator=generator)
             keep = model.conditioner.draw_keep(opts.batch_size, generator)  # {condition: (B,) bool}
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             for i, part in enumerate(rows):  # micro-batches; DDP all-reduces after the last one only
                 last = i == len(rows) - 1
                 with objective.no_sync() if ctx.enabled and not last else nullcontext():
-                    batch = dataset.batch(indices[part].tolist())
-                    loss = objective(batch, z0[part].to(device), t[part].to(device), noise[part].to(device),
+                    if streaming:  # the micro-batch's rows of this rank's own samples, encoded now
+                        batch = slice_batch(own, part.start - first_row, part.stop - first_row)
+                        z = reader.latents(batch["image"], posterior_noise[part])
+                    else:
+                        batch = dataset.batch(indices[part].tolist())
+                        z = z0[part]
+                    loss = objective(batch, z.to(device), t[part].to(device), noise[part].to(device),
                                      {name: k[part] for name, k in keep.items()}).mean() / len(rows)
                     loss.backward()
                 loss_sum += loss.detach()
@@ -239,6 +262,24 @@ def restore(resume: dict, model, ema: EMA, optimizer, generator: torch.Generator
                     "(only dropout layers use it; the data stream is restored exactly)", state.get("world_size", 1), rank)
     ema.num_updates = state["ema_updates"]  # the EMA warm-up depends on it
     return state
+
+
+def stream_position(resume: dict | None, ctx: distributed.Context, latents: str) -> StreamPosition | None:
+    """This rank's position in the data stream from a checkpoint's state (None: from the start, or
+    pool mode). A checkpoint of the other ``trainer.latents`` mode, or one written by another
+    number of streaming processes (each read its own shards), cannot be continued."""
+    if resume is None:
+        return None
+    state, where = resume["state"], f"checkpoint {resume.get('folder')}"
+    if state.get("latents", "pool") != latents:
+        raise ConfigError(f"{where} was trained with trainer.latents={state.get('latents', 'pool')}; resume it with the same")
+    if latents == "pool":
+        return None
+    positions = state["stream"]
+    if len(positions) != ctx.world_size:
+        raise ConfigError(f"{where} was written by {len(positions)} streaming process(es), each reading its own shards; "
+                          f"resume it with {len(positions)} (this run has {ctx.world_size})")
+    return StreamPosition.from_dict(positions[ctx.rank], where)
 
 
 def open_metrics_log(path: Path, from_step: int):
