@@ -28,18 +28,32 @@ RESULTS = BENCH / "results" / "default_runs.jsonl"
 IMAGES = BENCH.parent / "docs" / "images"
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul rate right now (torch's default threads): these shared machines were
+    seen to run at 250 and at 394 GFLOP/s within one hour, so every wall time is recorded beside it."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return round(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9, 1)
+
+
 def run(seed: int, overrides: list[str], root: Path) -> dict:
     folder = root / f"seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)
     command = [sys.executable, "-m", "ldmcore.run", *overrides, f"seed={seed}", f"cache_dir={folder / 'cache'}", f"hydra.run.dir={folder}"]
+    gflops_before = matmul_gflops()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    gflops_after = matmul_gflops()
     if done.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     metrics = json.loads((folder / "metrics.json").read_text())
     return {"command": "python -m ldmcore.run " + " ".join([*overrides, f"seed={seed}"]), "wall_seconds": round(wall, 1),
-            "folder": str(folder), **metrics}
+            "machine_gflops": [gflops_before, gflops_after], "folder": str(folder), **metrics}
 
 
 def main() -> None:
@@ -59,7 +73,7 @@ def main() -> None:
         with open(RESULTS, "a") as f:
             f.write(json.dumps(result) + "\n")
         shutil.copy(Path(result["folder"]) / "samples.png", IMAGES / f"{name}_seed{seed}.png")
-        keep = ("wall_seconds", "first_stage_seconds", "denoiser_seconds", "eval_seconds", "readable", "class_accuracy")
+        keep = ("wall_seconds", "machine_gflops", "first_stage_seconds", "denoiser_seconds", "eval_seconds", "readable", "class_accuracy")
         print(json.dumps({k: result[k] for k in keep if k in result}))
 
 

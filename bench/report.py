@@ -32,14 +32,20 @@ at a time. Scores come from the shapes world's exact reader (SHAPES.md: shape by
 valid only at IoU ≥ 0.75) on the run's evaluation grid: 180 samples (10 per class for the class
 model), DDIM 50 steps, guidance scale 3 for the class model.
 
+The defaults changed on 2026-12-03: v-prediction (`noise=cosine_v`) and batch 64 × 2000 steps
+(before: ε-prediction, batch 128 × 1000), so rows of the same command before and after that date
+are different recipes. The machine's speed varies: *machine* is the fp32 matmul rate (2048², two
+threads) measured right before and after the run (250 and 394 GFLOP/s were both seen within one hour
+on 2026-12-03); rows without it predate that measurement.
+
 - *readable*: the sample reads back as valid objects only (at least one).
 - *class accuracy*: exactly one valid object, of the requested class.
 - *caption accuracy*: every object valid and, left to right, they spell the caption; *box recall*:
   target boxes matched by a valid object of the right label at IoU ≥ 0.5.
 - *first stage*: PSNR and read-back rate of the autoencoder's reconstructions (512 images).
 
-| command | seed | guidance | wall time | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) | other scores |
-|---|---|---|---|---|---|---|---|---|---|
+| date | command | seed | guidance | wall time | machine | first stage | denoiser | first stage PSNR / read-back | readable | class accuracy (circle / square / triangle) | other scores |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -54,7 +60,10 @@ def row(r: dict) -> str:
         guidance = f"autoguidance {r['autoguidance_scale']:g}"
     else:
         guidance = "none"
-    return (f"| `{command}` | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {r['first_stage_seconds']:.0f} s | "
+    machine = "–".join(f"{g:.0f}" for g in r["machine_gflops"]) + " GFLOP/s" if r.get("machine_gflops") else "—"
+    note = f" ({r['note']})" if r.get("note") else ""
+    return (f"| {r.get('date', '—')[:10]} | `{command}`{note} | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {machine} | "
+            f"{r['first_stage_seconds']:.0f} s | "
             f"{r['denoiser_seconds']:.0f} s | {fs.get('psnr', float('nan')):.1f} dB / {100 * fs.get('readback', float('nan')):.1f} % | "
             f"**{100 * r['readable']:.1f} %** | {acc} | {others(r)} |")
 
@@ -76,7 +85,8 @@ def value(r: dict, metric: str) -> str:
 def conditions_table(runs: list[dict]) -> str:
     """One row per condition run: its bar metric, and the same metric of the latest run of a model
     trained without the condition (a run whose ``score_with`` scored it) on the same data."""
-    lines = ["| condition | metric (bar) | run | wall time | value | without the condition | other scores |", "|---|---|---|---|---|---|---|"]
+    lines = ["| date | condition | metric (bar) | run | wall time | value | without the condition | other scores |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         names = r.get("conditions") or []
         if len(names) != 1 or names[0] not in BARS:
@@ -87,7 +97,7 @@ def conditions_table(runs: list[dict]) -> str:
         shown = (metric, "readable", "first_stage")
         extra = ", ".join(f"{k} {value(r, k)}" for k in r.get("score_names", []) if k not in shown) or "—"
         bar_text = f"> {bar:g} dB" if metric.endswith("_db") else f">= {100 * bar:.0f} %"
-        lines.append(f"| `{names[0]}` | {what} ({bar_text}) | `{r['command']}` | {r['wall_seconds'] / 60:.1f} min | "
+        lines.append(f"| {r.get('date', '—')[:10]} | `{names[0]}` | {what} ({bar_text}) | `{r['command']}` | {r['wall_seconds'] / 60:.1f} min | "
                      f"**{value(r, metric)}** | {base} | {extra} |")
     return "\n".join(lines) + "\n"
 

@@ -26,9 +26,14 @@ class ConditionEncoder(nn.Module):
     ``{"crossattn": (L, D)}``, ``{"vector": (D,)}`` or ``{"concat": (C,)}`` (a concat output has
     the latent's spatial size) — and implement ``forward(batch) -> {injection: tensor}``.
     The default null condition is zeros; override ``null`` for a learned one.
+
+    ``needs_positions``: True where the condition names places in the image through tokens (boxes,
+    "left of ..."): the denoiser is then built with coordinate channels (``UNet.coordinate_frequencies``)
+    unless the config sets their number. A spatially aligned (concat) condition does not need them.
     """
 
     outputs: dict[str, tuple[int, ...]] = {}
+    needs_positions: bool = False
 
     def forward(self, batch: Mapping) -> Conditioning:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -79,6 +84,7 @@ class Conditioner(nn.Module):
         concat_channels  extra input channels of the UNet
         context_dim      cross-attention context width (None: no cross-attention)
         vector_dim       width of the vector added to the timestep embedding (None: none)
+        needs_positions  some encoder names positions through tokens (coordinate channels)
     """
 
     def __init__(self, encoders: Mapping[str, ConditionEncoder], dropout: Mapping[str, float]):
@@ -95,6 +101,7 @@ class Conditioner(nn.Module):
         self.context_dim = max(token_dims.values()) if token_dims else None
         vector_dims = [e.outputs["vector"][0] for e in encoders.values() if "vector" in e.outputs]
         self.vector_dim = sum(vector_dims) if vector_dims else None
+        self.needs_positions = any(e.needs_positions for e in encoders.values())
 
         # Several token sequences share one context: narrower ones are projected to the widest,
         # and each plugin's tokens get a learned type embedding so attention can tell them apart.

@@ -54,7 +54,8 @@ class AutoencoderConfig:
     # an ldmcore first stage (run / checkpoint folder, .safetensors), a diffusers AutoencoderKL (or
     # pipeline) folder, or a CompVis / SD single file (ldmcore/training/pretrained.py)
     pretrained: Optional[str] = None
-    allow_pickle: bool = False  # read a pickled pretrained file (.ckpt/.pt/.bin), restricted unpickler
+    allow_pickle: bool = False  # read a pickled pretrained file (.ckpt/.pt/.bin), restricted unpickler (a loading
+                                # permission, not part of the model: checkpoints are compared without it)
     scale_factor: Optional[float] = None  # latent scale; None: 1/std measured on the run's data
 
 
@@ -159,16 +160,34 @@ def _required(schema_type, node: DictConfig, path: str) -> list[str]:
     return found
 
 
+def with_schema_defaults(cfg: DictConfig) -> DictConfig:
+    """``cfg`` merged onto the schemas: typed, and every option it lacks (e.g. one added after a
+    checkpoint's config was written) at its default."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {str(error).splitlines()[0]}") from None
+
+
+def known_options(node: dict, schema_type=RunConfig) -> dict:
+    """A plain config dict without the options the schemas do not define (in the typed sections; the
+    ``Any`` sections are kept whole): a checkpoint's options that this version has since removed."""
+    known = {f.name for f in fields(schema_type)}
+    kept = {}
+    for key, value in node.items():
+        if key in known:
+            sub = _SUBSCHEMAS.get((schema_type, key))
+            kept[key] = known_options(value, sub) if sub is not None and isinstance(value, dict) else value
+    return kept
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check ``cfg`` against the schemas; return it typed (ints are ints, floats floats)."""
     required = _required(RunConfig, cfg, "")
     if required:
         raise ConfigError(f"{required[0]} is required: give it on the command line, e.g. {required[0]}=...")
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {str(error).splitlines()[0]}") from None
+    typed = with_schema_defaults(cfg)
     _check_choices(RunConfig, typed, "")
     if typed.trainer.grad_accumulation < 1 or typed.trainer.batch_size % typed.trainer.grad_accumulation:
         raise ConfigError(f"trainer.grad_accumulation={typed.trainer.grad_accumulation} must be >= 1 and divide "

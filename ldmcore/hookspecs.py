@@ -11,6 +11,10 @@ Words used below:
     data      the :class:`ldmcore.data.DataInfo` of the run's data source (resolution,
               class names, an optional exact reader of images).
     batch     a plain dict of batch keys (``image``, ``class_label``, ``caption`` ...).
+    cache_dir the run's cache folder (``cfg.cache_dir``), a :class:`pathlib.Path` with ``~``
+              expanded, or None where there is none. It is where a plugin keeps what it can rebuild
+              (a fitted tokenizer, files it writes). Never put it in a plugin's own config: the config
+              is saved with each checkpoint and compared on resume, and a cache is no part of the model.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def ldmcore_batch_keys(options) -> list[str]:
 
 
 @hookspec(firstresult=True)
-def ldmcore_build_encoder(options, data, latent_shape, first_stage):
+def ldmcore_build_encoder(options, data, latent_shape, first_stage, cache_dir):
     """Required. Build the condition encoder tau_theta: an :class:`ldmcore.conditioning.ConditionEncoder`.
 
     The encoder declares its injection(s) in ``encoder.outputs`` (a dict from ``"concat"``,
@@ -63,6 +67,8 @@ def ldmcore_build_encoder(options, data, latent_shape, first_stage):
     cached or loaded from a checkpoint, always in place), so read them at call time, never copy them;
     hold it without registering it as a submodule (``ldmcore.conditioning.FrozenReference``): it is
     frozen, and not part of the denoiser's weights, optimizer, EMA or checkpoint.
+    ``cache_dir`` (see above) is where an encoder may keep what it derives from the data (e.g. a
+    tokenizer fitted to the captions); the same model is built whatever the folder.
     """
 
 
@@ -70,16 +76,21 @@ def ldmcore_build_encoder(options, data, latent_shape, first_stage):
 
 
 @hookspec(firstresult=True)
-def ldmcore_parse_value(value, options, data) -> dict:
+def ldmcore_parse_value(value, options, data, root) -> dict:
     """Required. Read one user-given value (a JSON value from a conditions file, e.g. a class name)
     into the batch keys of ONE sample (tensors without a batch dimension, or python values).
-    A value the plugin cannot read raises ``ValueError`` whose message says what is allowed."""
+    A value the plugin cannot read raises ``ValueError`` whose message says what is allowed.
+    ``root`` is the folder of the conditions file (a :class:`pathlib.Path`): a relative file path in
+    a value is relative to it, not to the working directory; an absolute path (or ``~/...``) stays as
+    it is. ``root / Path(path).expanduser()`` gives both."""
 
 
 @hookspec(firstresult=True)
-def ldmcore_format_value(batch, index, options, data):
+def ldmcore_format_value(batch, index, options, data, cache_dir):
     """Required. The inverse of ``ldmcore_parse_value``: the JSON value describing sample ``index``
-    of ``batch``, as a conditions file would give it."""
+    of ``batch``, as a conditions file would give it. A value that names files (e.g. images) names
+    absolute paths; the plugin writes those files under ``cache_dir`` (see above), or a temporary
+    folder where it is None."""
 
 
 # --- sampling (optional) -----------------------------------------------------------------------

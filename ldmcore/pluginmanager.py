@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pluggy
+from omegaconf import DictConfig, OmegaConf
 
 from ldmcore import hookspecs
 
@@ -44,6 +46,13 @@ class Condition:
 
     def implements(self, hook: str) -> bool:
         return hook in self._implemented
+
+    def default_options(self) -> DictConfig:
+        """The plugin's own config file, ``condition/NAME.yaml``, without its defaults list: every
+        option it defines, at its default."""
+        options = OmegaConf.load(Path(self.call("ldmcore_config_dir")) / "condition" / f"{self.name}.yaml")
+        options.pop("defaults", None)
+        return options
 
     def call(self, hook: str, **kwargs):
         """Call ``hook`` on this plugin only; returns its result (None if not implemented)."""

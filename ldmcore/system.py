@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,12 +92,19 @@ def check_batch_keys(conditions: dict[str, Condition], cfg: DictConfig, data: Da
             )
 
 
+def cache_folder(cfg: DictConfig) -> Path | None:
+    """The run's cache folder (``cache_dir``, ``~`` expanded), or None where the config has none."""
+    return Path(str(cfg.cache_dir)).expanduser() if cfg.get("cache_dir") else None
+
+
 def build_conditioner(cfg: DictConfig, conditions: dict[str, Condition], data: DataInfo,
                       latent_shape: tuple[int, int, int], first_stage: nn.Module) -> Conditioner:
     """One encoder per condition; ``latent_shape`` (C, h, w) at ``data.resolution`` tells concat encoders the latent size;
-    ``first_stage`` is handed to encoders that work in latent space (they hold it, unregistered)."""
+    ``first_stage`` is handed to encoders that work in latent space (they hold it, unregistered); ``cache_dir``
+    is the run's, passed to the hook rather than kept in a plugin's options (those are part of the model's config)."""
+    cache_dir = cache_folder(cfg)
     encoders = {name: c.call("ldmcore_build_encoder", options=cfg.condition[name], data=data, latent_shape=latent_shape,
-                             first_stage=first_stage)
+                             first_stage=first_stage, cache_dir=cache_dir)
                 for name, c in conditions.items()}
     return Conditioner(encoders, {name: float(cfg.condition[name].dropout) for name in conditions})
 
@@ -104,6 +112,17 @@ def build_conditioner(cfg: DictConfig, conditions: dict[str, Condition], data: D
 def build_process(cfg: DictConfig) -> NoiseProcess:
     schedule = NoiseSchedule.from_name(cfg.noise.schedule, cfg.noise.timesteps)
     return NoiseProcess(schedule, cfg.noise.prediction, cfg.noise.loss_weighting, cfg.noise.min_snr_gamma)
+
+
+POSITION_FREQUENCIES = 2  # coordinate channels (4 per frequency) when a condition needs positions
+
+
+def coordinate_option(denoiser: DictConfig, conditioner: Conditioner) -> dict:
+    """``coordinate_frequencies`` of the denoiser where its config leaves it null (``auto``): 2 when a
+    selected encoder declares ``needs_positions`` (tokens that name places), else 0."""
+    if "coordinate_frequencies" not in denoiser or denoiser.coordinate_frequencies is not None:
+        return {}
+    return {"coordinate_frequencies": POSITION_FREQUENCIES if conditioner.needs_positions else 0}
 
 
 def build_system(cfg: DictConfig, dataset=None, info: DataInfo | None = None) -> LatentDiffusion:
@@ -121,6 +140,7 @@ def build_system(cfg: DictConfig, dataset=None, info: DataInfo | None = None) ->
         out_channels=c,
         context_dim=conditioner.context_dim,
         vector_dim=conditioner.vector_dim,
+        **coordinate_option(cfg.denoiser, conditioner),
     )
     return LatentDiffusion(first_stage, DenoiserModel(unet, conditioner), build_process(cfg), conditions, cfg.condition, info)
 

@@ -1,11 +1,16 @@
-"""Checkpoints are safetensors folders, written atomically, refused when pickled or mismatched."""
+"""Checkpoints are safetensors folders, written atomically, refused when pickled or mismatched; a resumed
+run must be the checkpoint's model (option by option, newer options at their defaults, loading flags aside)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import compose_config
+from ldmcore.config import validate
+from ldmcore.tasks import check_same_model, checkpoint_run_config
 from ldmcore.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -66,3 +71,52 @@ def test_optimizer_state_round_trips():
     assert other.param_groups[0]["lr"] == 0.1
     for a, b in zip(opt.state.values(), other.state.values()):
         assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+# --- is it the same model? (resuming, task=train checkpoint=...) ------------------------------
+
+
+def saved_config(*overrides: str):
+    """A checkpoint's config.yaml as training writes it: the validated run config, resolved."""
+    return OmegaConf.create(OmegaConf.to_yaml(validate(compose_config(list(overrides))), resolve=True))
+
+
+def test_a_checkpoint_written_before_newer_options_is_the_same_model():
+    current = validate(compose_config(["+condition=[class,layout]"]))
+    saved = saved_config("+condition=[class,layout]")
+    del saved.autoencoder["allow_pickle"], saved.autoencoder["scale_factor"]  # schema options added since
+    del saved.noise["min_snr_gamma"]
+    del saved.condition.layout["corner_frequencies"]  # a plugin option added since: its config file's default
+    del saved.data["seed"]  # a constructor argument the config left out: the constructor's default
+    check_same_model(saved, current, "RUN")
+    rebuilt = checkpoint_run_config(current, saved)  # task=sample / eval rebuild the checkpoint's model so
+    assert rebuilt.autoencoder.allow_pickle is False and rebuilt.condition.layout.corner_frequencies == 4
+    given = validate(compose_config(["+condition=[class,layout]", "autoencoder.scale_factor=0.18215",
+                                     "condition.layout.corner_frequencies=0"]))
+    with pytest.raises(CheckpointError) as error:  # a value other than the default those checkpoints had
+        check_same_model(saved, given, "RUN")
+    assert "autoencoder.scale_factor: checkpoint None, config 0.18215" in str(error.value)
+    assert "condition.layout.corner_frequencies: checkpoint 4, config 0" in str(error.value)
+
+
+def test_loading_flags_and_options_since_removed_are_not_compared():
+    saved = saved_config("+condition=image_text")
+    saved.condition.image_text.text.tokenizer_cache = "/the/cache/dir/of/then"  # options this version no longer has
+    saved.autoencoder.retired_option = 1
+    current = validate(compose_config(["+condition=image_text", "autoencoder.allow_pickle=true",
+                                       "condition.image_text.image.allow_pickle=true"]))
+    check_same_model(saved, current, "RUN")
+    assert "retired_option" not in checkpoint_run_config(current, saved).autoencoder
+
+
+def test_another_model_is_refused_naming_each_differing_option_with_both_values():
+    saved = saved_config("+condition=class", "noise.prediction=eps")
+    current = validate(compose_config(["+condition=[class,text]", "denoiser.model_channels=16", "noise.prediction=v"]))
+    with pytest.raises(CheckpointError) as error:
+        check_same_model(saved, current, "RUN")
+    message = str(error.value)
+    assert message.startswith("RUN was trained with another configuration: ")
+    for difference in ("denoiser.model_channels: checkpoint 64, config 16", "noise.prediction: checkpoint 'eps', config 'v'",
+                       "data.kind: checkpoint 'single', config 'multi'", "condition.text: checkpoint (absent), config {"):
+        assert difference in message
+    assert "num_res_blocks" not in message  # the differing options, not whole sections

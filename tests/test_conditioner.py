@@ -87,3 +87,31 @@ def test_concat_channels_join_the_unet_input():
 
     apply_denoiser_net(unet, torch.zeros(2, 2, 4, 4), torch.zeros(2), {"concat": torch.ones(2, 3, 4, 4), "vector": torch.ones(2, 5)})
     assert seen["x"] == (2, 5, 4, 4) and seen["context"] is None and seen["y"].shape == (2, 5)
+
+
+class Places(Tokens):
+    needs_positions = True
+
+
+def test_positions_are_needed_when_any_encoder_declares_it():
+    assert not Conditioner({"a": Tokens("a", 2, 16), "m": Spatial()}, {"a": 0.0, "m": 0.0}).needs_positions
+    assert Conditioner({"a": Tokens("a", 2, 16), "p": Places("b", 3, 16)}, {"a": 0.0, "p": 0.0}).needs_positions
+
+
+@pytest.mark.parametrize("overrides, frequencies", [
+    ([], 0),                                                      # unconditional: none
+    (["+condition=class"], 0),                                    # a class token names no place
+    (["+condition=layout"], 2),                                   # boxes do: the automatic choice
+    (["+condition=layout", "denoiser.coordinate_frequencies=0"], 0),  # the config's number wins
+    (["+condition=class", "denoiser.coordinate_frequencies=3"], 3),
+])
+def test_the_unet_gets_coordinate_channels_from_the_selected_conditions(overrides, frequencies):
+    from conftest import compose_config
+
+    from ldmcore.config import validate
+    from ldmcore.data.shapes import ShapesWorld
+    from ldmcore.system import build_system
+
+    cfg = validate(compose_config(["+experiment=tiny", *overrides]))
+    system = build_system(cfg, ShapesWorld(resolution=32, kind="multi", size=16, seed=0))
+    assert system.model.unet.coordinate_frequencies == frequencies

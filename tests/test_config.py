@@ -14,6 +14,7 @@ from ldmcore.config import ConfigError, validate
 from ldmcore.data.base import data_info
 from ldmcore.pluginmanager import installed
 from ldmcore.system import build, build_system
+from ldmcore.tasks import check_same_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = [
@@ -52,6 +53,15 @@ def test_every_condition_composes_and_derives_the_unet(name):
     system = build_system(cfg, build("data", cfg.data))
     conditioner = system.model.conditioner
     assert system.model.unet.in_channels == system.first_stage.latent_channels + conditioner.concat_channels
+
+
+@pytest.mark.parametrize("name", installed().names())
+def test_no_condition_keeps_the_cache_dir_in_its_options(name, tmp_path):
+    """cache_dir reaches plugins through their hooks, never through their options: those are saved with
+    each checkpoint and compared on resume, so a run resumed with another cache_dir is the same model."""
+    a, b = (validate(compose_config([f"+condition={name}", f"cache_dir={tmp_path / folder}"])) for folder in "ab")
+    assert OmegaConf.to_container(a.condition, resolve=True) == OmegaConf.to_container(b.condition, resolve=True)
+    check_same_model(OmegaConf.create(OmegaConf.to_yaml(a, resolve=True)), b, "RUN")
 
 
 def test_class_as_vector_derives_vector_dim():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import compose_config
@@ -117,6 +119,19 @@ def test_resume_continues_the_same_run(tmp_path, tiny):
     for key in a:
         if key.startswith(("model.", "ema.", "optimizer.")):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_from_a_checkpoint_written_before_newer_options(class_run, tmp_path, tiny):
+    """A checkpoint's config.yaml without options added since (here autoencoder.allow_pickle and
+    scale_factor) still resumes: they take their defaults; a loading flag is not compared at all."""
+    root, _ = class_run
+    old = shutil.copytree(root / "run" / "checkpoints" / "step_0000002", tmp_path / "old")
+    saved = OmegaConf.load(old / "config.yaml")
+    del saved.autoencoder["allow_pickle"], saved.autoencoder["scale_factor"]
+    OmegaConf.save(saved, old / "config.yaml")
+    metrics = train(compose_config([*tiny, "+condition=class", "autoencoder.allow_pickle=true", f"checkpoint={old}"]),
+                    tmp_path / "resumed")
+    assert metrics["resumed_from"] == str(old) and (tmp_path / "resumed" / "checkpoints" / "step_0000004").is_dir()
 
 
 def test_resume_from_another_configuration_is_refused(class_run, tmp_path, tiny):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from ldmcore.tasks import sample, train
 from ldmcore_plugins.image_text.values import to_uint8, to_unit_range
 
 LATENT = (8, 8)
+NO_ROOT = Path("/nonexistent-conditions-folder")  # for values with absolute paths (or none)
 IMAGE_TOKENS = 16  # test_vit at 32 px with 8-px patches: a 4 x 4 grid
 TEXT_TOKENS = 24
 
@@ -54,13 +56,14 @@ def options(**changes):
     return opts
 
 
-def build(plugin, info, **changes):
+def build(plugin, info, cache_dir=None, **changes):
     # the plugin needs neither the latent shape nor the first stage (it has no concat output)
-    return plugin.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=(4, *LATENT), first_stage=None)
+    return plugin.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=(4, *LATENT), first_stage=None,
+                       cache_dir=cache_dir)
 
 
-def parse(plugin, info, value):
-    return plugin.call("ldmcore_parse_value", value=value, options=options(), data=info)
+def parse(plugin, info, value, root=NO_ROOT):
+    return plugin.call("ldmcore_parse_value", value=value, options=options(), data=info, root=root)
 
 
 def score(plugin, info, images, batch):
@@ -259,11 +262,28 @@ def test_format_then_parse_gives_the_same_sample(plugin, world, info):
     ({"image": "missing.png", "text": "a red circle"}, "missing.png' does not exist"),
     ({"image": "data:image/png;base64,not-base64!", "text": "a red circle"}, "data URI does not hold a PNG"),
 ])
-def test_bad_values_are_refused_with_what_is_allowed(plugin, info, tmp_path, monkeypatch, value, message):
-    monkeypatch.chdir(tmp_path)
+def test_bad_values_are_refused_with_what_is_allowed(plugin, info, tmp_path, value, message):
     Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
     with pytest.raises(ValueError, match=message):
-        parse(plugin, info, value)
+        parse(plugin, info, value, root=tmp_path)
+
+
+def test_a_relative_image_path_starts_at_the_conditions_folder(plugin, world, info, tmp_path, monkeypatch):
+    reference = world.batch([2])["reference_image"][0]
+    (tmp_path / "refs").mkdir()
+    absolute = write_png(tmp_path / "refs" / "ref.png", reference)
+    monkeypatch.chdir(tmp_path / "refs")  # the working directory plays no part
+    parsed = parse(plugin, info, {"image": "refs/ref.png", "text": "a red circle"}, root=tmp_path)
+    assert torch.equal(parsed["reference_image"], reference)
+    assert torch.equal(parse(plugin, info, {"image": absolute, "text": "a red circle"})["reference_image"], reference)
+    with pytest.raises(ValueError, match=re.escape(f"start at the conditions file's folder, {tmp_path}")):
+        parse(plugin, info, {"image": "ref.png", "text": "a red circle"}, root=tmp_path)
+
+
+def test_the_tokenizer_is_cached_in_the_cache_dir_the_core_hands_over(plugin, info, tmp_path):
+    assert "tokenizer_cache" not in options().text  # no cache path in the model's config
+    encoder = build(plugin, info, cache_dir=tmp_path)
+    assert encoder.text.tokenizer.source.startswith(str(tmp_path / "tokenizers"))
 
 
 def test_an_image_of_another_size_or_no_image_is_refused(plugin, info, tmp_path):
@@ -324,7 +344,8 @@ def test_config_switches_to_a_convolutional_model(world):
                                    "~condition.image_text.image.model_kwargs",
                                    "+condition.image_text.image.model_kwargs={output_stride: 8}"]))
     encoder = installed().get("image_text").call("ldmcore_build_encoder", options=cfg.condition.image_text,
-                                                 data=data_info(world), latent_shape=(4, *LATENT), first_stage=None)
+                                                 data=data_info(world), latent_shape=(4, *LATENT), first_stage=None,
+                                                 cache_dir=None)
     assert isinstance(encoder.image.model, timm.models.ResNet) and encoder.outputs["crossattn"][0] == 16 + TEXT_TOKENS
 
 

@@ -6,6 +6,7 @@ trained at 32 px (from 8 px) and 64 px (from 16 px)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from ldmcore.data.base import data_info
 from ldmcore.data.shapes import ShapesWorld
 from ldmcore.pluginmanager import installed
 from ldmcore.tasks import sample, train
+
+NO_ROOT = Path("/nonexistent-conditions-folder")  # for values with absolute paths (or none)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def encoder_of(low_res, info, latent_shape=(4, 8, 8), **changes):
                         first_stage=None)
 
 
-def parse(low_res, info, value):
-    return low_res.call("ldmcore_parse_value", value=value, options=options(), data=info)
+def parse(low_res, info, value, root=NO_ROOT):
+    return low_res.call("ldmcore_parse_value", value=value, options=options(), data=info, root=root)
 
 
 # --- tau_theta: concat at latent size, noise level as a vector -----------------------------------
@@ -147,7 +150,7 @@ def test_format_and_parse_round_trip_exactly(low_res, resolution):
     info, batch = data_info(world), world.batch(list(range(4)))
     for i in range(4):
         value = low_res.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info)
-        parsed = low_res.call("ldmcore_parse_value", value=json.loads(json.dumps(value)), options=options(), data=info)
+        parsed = parse(low_res, info, json.loads(json.dumps(value)))
         assert torch.equal(parsed["low_res"], batch["low_res"][i])
 
 
@@ -157,6 +160,15 @@ def test_png_reads_as_pixels_in_unit_range(low_res, info, tmp_path):
     parsed = parse(low_res, info, str(tmp_path / "low.png"))["low_res"]
     assert parsed.shape == (3, 8, 8)
     torch.testing.assert_close(parsed, torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_a_relative_png_path_starts_at_the_conditions_folder(low_res, info, tmp_path, monkeypatch):
+    (tmp_path / "inputs").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / "inputs" / "low.png")
+    monkeypatch.chdir(tmp_path / "inputs")  # the working directory plays no part
+    assert parse(low_res, info, "inputs/low.png", root=tmp_path)["low_res"].eq(1.0).all()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'low.png'} does not exist")):
+        parse(low_res, info, "low.png", root=tmp_path)
 
 
 def test_bad_low_res_values_say_what_is_wrong(low_res, info, tmp_path):
@@ -221,7 +233,7 @@ def test_super_resolution_trains_and_samples_from_a_png(low_res, resolution, tmp
     side = resolution // 4
     low = ShapesWorld(resolution=resolution, kind="multi", size=4, seed=3).batch([0])["low_res"][0]
     Image.fromarray(((low + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(root / "low.png")
-    lines = [{"low_res": str(root / "low.png")}, {"low_res": low.tolist()}]
+    lines = [{"low_res": "low.png"}, {"low_res": low.tolist()}]  # a path relative to the conditions file
     (root / "conditions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = root / "out"
     out.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ldmcore.training.ema import EMA
 from ldmcore_plugins.masked_image.plugin import objects_in_mask
 
 LATENT = (8, 8)  # 32 px at f = 4
+NO_ROOT = Path("/nonexistent-conditions-folder")  # for values with absolute paths
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +190,15 @@ def test_dropout_replaces_samples_by_the_null_condition(masked, info, batch, p):
 
 
 def test_format_then_parse_gives_back_the_batch_keys(masked, info, batch, tmp_path):
-    opts = options(value_dir=str(tmp_path))
+    opts = options()
+    assert "value_dir" not in opts  # where files are written is the run's cache_dir, no part of the model's config
     for i in range(4):
-        value = masked.call("ldmcore_format_value", batch=batch, index=i, options=opts, data=info)
+        value = masked.call("ldmcore_format_value", batch=batch, index=i, options=opts, data=info, cache_dir=tmp_path)
         assert json.loads(json.dumps(value)) == value and set(value) == {"image", "mask"}
         assert Path(value["image"]).parent == tmp_path / "masked_image"
-        parsed = masked.call("ldmcore_parse_value", value=value, options=opts, data=info)
+        parsed = masked.call("ldmcore_parse_value", value=value, options=opts, data=info, root=NO_ROOT)
         assert torch.equal(parsed["image"], batch["image"][i]) and torch.equal(parsed["mask"], batch["mask"][i])
-        again = masked.call("ldmcore_format_value", batch=batch, index=i, options=opts, data=info)
+        again = masked.call("ldmcore_format_value", batch=batch, index=i, options=opts, data=info, cache_dir=tmp_path)
         assert again == value  # named by content: the same sample names the same files
     mask_png = np.asarray(Image.open(value["mask"]))
     assert set(np.unique(mask_png)) <= {0, 255} and np.array_equal(mask_png == 255, batch["mask"][3, 0].numpy() > 0)
@@ -216,9 +219,23 @@ def user_files(tmp_path):
 
 def test_user_png_files_are_read(masked, info, user_files):
     _, image, mask = user_files
-    parsed = masked.call("ldmcore_parse_value", value={"image": image, "mask": mask}, options=options(), data=info)
+    parsed = masked.call("ldmcore_parse_value", value={"image": image, "mask": mask}, options=options(), data=info, root=NO_ROOT)
     assert parsed["image"].shape == (3, 32, 32) and torch.allclose(parsed["image"], torch.full((3, 32, 32), 200 / 127.5 - 1))
     assert parsed["mask"].shape == (1, 32, 32) and parsed["mask"].sum() == 12 * 26 and parsed["mask"][0, 8, 4] == 1
+
+
+def test_relative_paths_start_at_the_conditions_folder(masked, info, user_files, monkeypatch):
+    folder, image, mask = user_files
+    (folder / "sub").mkdir()
+    monkeypatch.chdir(folder / "sub")  # the working directory plays no part
+    relative = masked.call("ldmcore_parse_value", value={"image": "a.png", "mask": "m.png"}, options=options(), data=info,
+                           root=folder)
+    absolute = masked.call("ldmcore_parse_value", value={"image": image, "mask": mask}, options=options(), data=info,
+                           root=folder / "sub")
+    assert all(torch.equal(relative[k], absolute[k]) for k in ("image", "mask"))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'sub' / 'a.png'} does not exist")):
+        masked.call("ldmcore_parse_value", value={"image": "a.png", "mask": "m.png"}, options=options(), data=info,
+                    root=folder / "sub")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -247,7 +264,7 @@ def test_bad_user_values_are_refused_naming_the_file(masked, info, user_files, c
         "not_an_image": {"image": str(folder / "text.png"), "mask": mask},
     }[case]
     with pytest.raises(ValueError, match=message):
-        masked.call("ldmcore_parse_value", value=value, options=options(), data=info)
+        masked.call("ldmcore_parse_value", value=value, options=options(), data=info, root=NO_ROOT)
 
 
 # --- compositing, pictures, scores ---------------------------------------------------------------
@@ -339,10 +356,9 @@ def test_training_scores_the_inpainting(masked_run):
 def test_sampling_inpaints_user_files_and_keeps_the_known_region(masked_run, world, tmp_path):
     root, _ = masked_run
     batch = world.batch([0, 1])
-    opts = options(value_dir=str(tmp_path))
     info = data_info(world)
-    values = [installed().get("masked_image").call("ldmcore_format_value", batch=batch, index=i, options=opts, data=info)
-              for i in range(2)]
+    values = [installed().get("masked_image").call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info,
+                                                   cache_dir=tmp_path) for i in range(2)]
     conditions = tmp_path / "conditions.jsonl"
     conditions.write_text("".join(json.dumps({"masked_image": v}) + "\n" for v in values) + "{}\n")
     out = tmp_path / "out"

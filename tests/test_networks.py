@@ -433,3 +433,31 @@ def test_reuse_context_does_not_cache_under_autograd():
         assert all(not m.context_cache for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
     assert context.grad is not None
 
+
+
+def test_coordinate_channels_are_fourier_features_of_the_position_and_keep_the_default_layout():
+    plain, with_xy = tiny_unet(), tiny_unet(coordinate_frequencies=2)
+    assert plain.input_blocks[0][0].in_channels == 4 and with_xy.input_blocks[0][0].in_channels == 4 + 8
+    assert set(plain.state_dict()) == set(with_xy.state_dict())  # only conv_in's width differs
+    x = torch.randn(2, 4, 8, 12)
+    features = with_xy.coordinates(x)  # (B, 8, h, w): sin k=0,1 then cos k=0,1 of x, then of y
+    assert features.shape == (2, 8, 8, 12)
+    u = (torch.arange(12) + 0.5) / 12 * 2 - 1
+    v = (torch.arange(8) + 0.5) / 8 * 2 - 1
+    torch.testing.assert_close(features[0, 0], torch.sin(math.pi * u).expand(8, 12))
+    torch.testing.assert_close(features[1, 3], torch.cos(2 * math.pi * u).expand(8, 12))
+    torch.testing.assert_close(features[0, 6], torch.cos(math.pi * v)[:, None].expand(8, 12))
+    # every position gets its own code (the first frequency's sin and cos already tell them apart)
+    codes = features[0].flatten(1).T  # (h*w, 8)
+    assert torch.cdist(codes, codes).add(torch.eye(96) * 10).min() > 0.1
+    perturb_(with_xy)
+    assert with_xy(x, torch.tensor([5.0, 5.0])).shape == (2, 4, 8, 12)
+    with pytest.raises(ValueError, match="coordinate_frequencies"):
+        tiny_unet(coordinate_frequencies=-1)
+
+
+def test_a_unet_with_coordinate_channels_is_not_exported_to_diffusers(tmp_path):
+    from ldmcore.interop import save_unet
+
+    with pytest.raises(ValueError, match="coordinate"):
+        save_unet(tiny_unet(coordinate_frequencies=1, context_dim=16), tmp_path / "unet")

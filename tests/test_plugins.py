@@ -17,9 +17,11 @@ from ldmcore.data.base import data_info
 from ldmcore.data.shapes import ShapesWorld
 from ldmcore.hookspecs import hookimpl
 from ldmcore.pluginmanager import PluginError, PluginRegistry, installed
+from ldmcore.tasks import read_conditions
 
 CONDITIONS = installed().names()
 LATENT = (8, 8)
+NO_ROOT = Path("/nonexistent-conditions-folder")  # formatted values name absolute paths (if any): no folder is read
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_contract(name, world):
     # the encoder declares its injections and produces exactly those shapes, for data and for null
     first_stage = KLAutoencoder(base_channels=8, channel_mult=(1, 2, 2), latent_channels=4)  # f=4: 32 px -> LATENT
     encoder = condition.call("ldmcore_build_encoder", options=options, data=info, latent_shape=(4, *LATENT),
-                             first_stage=first_stage)
+                             first_stage=first_stage, cache_dir=None)
     assert isinstance(encoder, ConditionEncoder) and set(encoder.outputs) <= set(INJECTIONS)
     batch = world.batch(list(range(6)))
     out, null = encoder(batch), encoder.null(6, LATENT, torch.device("cpu"))
@@ -62,12 +64,12 @@ def test_contract(name, world):
         assert not torch.allclose(out[injection], null[injection])
     # user values: format(batch) -> parse -> the same batch keys, and JSON-serializable
     for i in range(6):
-        value = condition.call("ldmcore_format_value", batch=batch, index=i, options=options, data=info)
+        value = condition.call("ldmcore_format_value", batch=batch, index=i, options=options, data=info, cache_dir=None)
         json.dumps(value)
-        parsed = condition.call("ldmcore_parse_value", value=value, options=options, data=info)
+        parsed = condition.call("ldmcore_parse_value", value=value, options=options, data=info, root=NO_ROOT)
         if set(parsed) - set(batch):  # the plugin's own keys (e.g. a palette derived from the labels):
             one = {key: [v] for key, v in parsed.items()}  # they format back and encode as sample i does
-            assert condition.call("ldmcore_format_value", batch=one, index=0, options=options, data=info) == value
+            assert condition.call("ldmcore_format_value", batch=one, index=0, options=options, data=info, cache_dir=None) == value
             for injection, encoded in encoder(one).items():
                 assert torch.allclose(encoded[0], out[injection][i], atol=1e-5)  # a batch of 1 vs 6: rounding
             continue
@@ -90,14 +92,15 @@ def test_unreadable_user_value_is_refused_with_what_is_allowed(name, world):
     condition = installed().get(name)
     _, options = options_of(condition)
     with pytest.raises(ValueError):
-        condition.call("ldmcore_parse_value", value={"certainly": ["not", "valid"]}, options=options, data=data_info(world))
+        condition.call("ldmcore_parse_value", value={"certainly": ["not", "valid"]}, options=options, data=data_info(world),
+                       root=NO_ROOT)
 
 
 def test_class_plugin_names_the_known_classes(world):
     condition = installed().get("class")
     _, options = options_of(condition)
     with pytest.raises(ValueError) as info:
-        condition.call("ldmcore_parse_value", value="purple hexagon", options=options, data=data_info(world))
+        condition.call("ldmcore_parse_value", value="purple hexagon", options=options, data=data_info(world), root=NO_ROOT)
     assert "purple hexagon" in str(info.value) and "red circle" in str(info.value)
 
 
@@ -149,3 +152,25 @@ def test_hooks_are_called_for_one_plugin_only():
 def test_unknown_condition_lists_installed_ones():
     with pytest.raises(KeyError, match="class"):
         installed().get("telepathy")
+
+
+def test_a_conditions_file_hands_each_value_its_own_folder_as_root(tmp_path, monkeypatch):
+    """Paths in a conditions file are relative to that file (``root`` of ldmcore_parse_value), not to
+    the working directory."""
+    seen = []
+
+    def parse(value, root):
+        seen.append(root)
+        return {"image": (root / value).read_text()}
+
+    probe = PluginRegistry(load_entry_points=False).register(_minimal_plugin(ldmcore_parse_value=parse))
+    folder = tmp_path / "job"
+    (folder / "inputs").mkdir(parents=True)
+    (folder / "inputs" / "a.txt").write_text("beside the conditions file")
+    (folder / "conditions.jsonl").write_text('{"probe": "inputs/a.txt"}\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    system = types.SimpleNamespace(conditions={"probe": probe}, condition_options={"probe": {}}, data=None)
+    [(line, parsed)] = read_conditions(Path("../job/conditions.jsonl"), system)
+    assert line == {"probe": "inputs/a.txt"} and parsed == {"image": "beside the conditions file"}
+    assert seen[0].is_absolute() and seen[0].resolve() == folder.resolve()

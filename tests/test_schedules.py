@@ -66,9 +66,11 @@ def test_sigmas(schedule):
 def test_sigma_to_t_inverts_t_to_sigma(schedule):
     t = torch.linspace(0, 999, 4001)  # fractional timesteps
     torch.testing.assert_close(schedule.sigma_to_t(schedule.t_to_sigma(t)), t, atol=1e-3, rtol=0)
-    # integer timesteps hit the table
-    torch.testing.assert_close(schedule.t_to_sigma(torch.arange(1000)), schedule.sigmas)
-    torch.testing.assert_close(schedule.sigma_to_t(schedule.sigmas), torch.arange(1000.0), atol=1e-3, rtol=0)
+    # integer timesteps hit the table exactly, both ways (the network sees t = 981, not 980.99997)
+    assert torch.equal(schedule.t_to_sigma(torch.arange(1000)), schedule.sigmas)
+    assert torch.equal(schedule.sigma_to_t(schedule.sigmas), torch.arange(1000.0))
+    # t is at least float32: in bfloat16 it would step by 4 between 512 and 1024
+    assert schedule.sigma_to_t(schedule.sigmas.bfloat16()).dtype == torch.float32
     # interpolation is linear in log σ
     mid = schedule.t_to_sigma(torch.tensor([10.5]))
     assert mid.item() == pytest.approx(math.sqrt(schedule.sigmas[10].item() * schedule.sigmas[11].item()), rel=1e-5)

@@ -5,6 +5,7 @@ file, mIoU read back from images, and a model trained at 32 px sampling 64 px im
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ldmcore.tasks import sample, train
 from ldmcore_plugins.semantic_map.maps import write_png
 
 LATENT = (4, 8, 8)  # f = 4 at 32 px
+NO_ROOT = Path("/nonexistent-conditions-folder")  # for values with absolute paths (or none)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,8 @@ def encoder_of(semantic_map, info, latent_shape=LATENT, **changes):
                              first_stage=None)
 
 
-def parse(semantic_map, info, value):
-    return semantic_map.call("ldmcore_parse_value", value=value, options=options(), data=info)
+def parse(semantic_map, info, value, root=NO_ROOT):
+    return semantic_map.call("ldmcore_parse_value", value=value, options=options(), data=info, root=root)
 
 
 # --- tau_theta, routing, null, dropout ----------------------------------------------------------
@@ -146,6 +148,17 @@ def test_index_png_reads_back(semantic_map, world, info, tmp_path, mode):
         Image.open(path).convert("P").save(path)
     assert Image.open(path).mode == mode
     assert torch.equal(parse(semantic_map, info, str(path))["segmentation"], segmentation)
+
+
+def test_a_relative_map_path_starts_at_the_conditions_folder(semantic_map, world, info, tmp_path, monkeypatch):
+    segmentation = world.batch([4])["segmentation"][0]
+    (tmp_path / "maps").mkdir()
+    path = write_png(segmentation, tmp_path / "maps" / "0001.png")
+    monkeypatch.chdir(tmp_path / "maps")  # the working directory plays no part
+    assert torch.equal(parse(semantic_map, info, "maps/0001.png", root=tmp_path)["segmentation"], segmentation)
+    assert torch.equal(parse(semantic_map, info, str(path), root=tmp_path / "maps")["segmentation"], segmentation)  # absolute
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / '0001.png'} does not exist")):
+        parse(semantic_map, info, "0001.png", root=tmp_path)
 
 
 def _png(path: Path, array: np.ndarray, mode: str) -> str:
@@ -269,6 +282,24 @@ def test_a_32_px_model_samples_64_px_images_from_64_px_maps(map_run, tmp_path):
                                                       options=options(), data=None)
     manifest = _sample(root, tmp_path / "x1", [{"semantic_map": run_length}])
     assert Image.open(tmp_path / "x1" / manifest[0]["file"]).size == (32, 32)
+
+
+def test_a_conditions_file_names_maps_relative_to_its_own_folder(map_run, tmp_path, monkeypatch):
+    root, _ = map_run
+    job = tmp_path / "job"
+    (job / "maps").mkdir(parents=True)
+    maps = ShapesWorld(resolution=32, kind="multi", size=4, seed=3).batch([0, 1])["segmentation"]
+    write_png(maps[0], job / "maps" / "a.png")
+    write_png(maps[1], job / "maps" / "b.png")
+    (job / "conditions.jsonl").write_text('{"semantic_map": "maps/a.png"}\n{"semantic_map": "maps/b.png"}\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = compose_config([f"checkpoint={root / 'run'}", "conditions=../job/conditions.jsonl", "+experiment=tiny"])
+    assert sample(cfg, out) == {"images": 2}
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [m["semantic_map"] for m in manifest] == ["maps/a.png", "maps/b.png"]  # as the user wrote them
 
 
 def test_a_map_of_the_wrong_size_for_the_scale_is_refused(map_run, tmp_path):

@@ -14,6 +14,8 @@ from ldmcore.config import validate
 from ldmcore.data.base import DataInfo, data_info
 from ldmcore.data.shapes import ShapesWorld
 from ldmcore.pluginmanager import installed
+from ldmcore.system import build_system
+from ldmcore.tasks import check_same_model, checkpoint_run_config
 from ldmcore.nn.tokenizer import BEGIN, END, PAD, Tokenizer, fit_sentencepiece, obtain_tokenizer
 
 LATENT = (8, 8)
@@ -41,8 +43,8 @@ def options(**changes):
     return opts
 
 
-def build(text, info, **changes):
-    return text.call("ldmcore_build_encoder", options=options(**changes), data=info)
+def build(text, info, cache_dir=None, **changes):
+    return text.call("ldmcore_build_encoder", options=options(**changes), data=info, cache_dir=cache_dir)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -77,10 +79,32 @@ def test_tokenizer_is_deterministic_and_cached_by_caption_set(info, tmp_path):
     assert len(list((tmp_path / "tokenizers").glob("*.model"))) == 2
 
 
-def test_build_caches_the_tokenizer_where_the_config_says(text, info, tmp_path):
-    encoder = build(text, info, tokenizer_cache=str(tmp_path))
+def test_build_caches_the_tokenizer_in_the_cache_dir_it_is_given(text, info, tmp_path):
+    encoder = build(text, info, cache_dir=tmp_path)
     assert encoder.tokenizer.source.startswith(str(tmp_path / "tokenizers"))
-    assert build(text, info, tokenizer_cache=str(tmp_path)).tokenizer.source == encoder.tokenizer.source
+    assert build(text, info, cache_dir=tmp_path).tokenizer.source == encoder.tokenizer.source
+    assert build(text, info).tokenizer.source == "memory"  # no cache folder: fitted, kept nowhere
+
+
+def test_the_run_cache_dir_reaches_the_tokenizer_but_not_the_model_config(tmp_path):
+    """The cache folder is handed to the hook: a model resumed or sampled with another cache_dir is the same model."""
+    cfgs = [validate(compose_config(["+condition=text", "+experiment=tiny", "condition.text.embed_dim=32",
+                                     f"cache_dir={tmp_path / name}"])) for name in ("a", "b")]
+    assert "tokenizer_cache" not in cfgs[0].condition.text
+    check_same_model(cfgs[0], cfgs[1], "RUN")  # only cache_dir differs: not refused
+    system = build_system(cfgs[0], ShapesWorld(resolution=32, kind="multi", size=32, seed=1))
+    assert system.model.conditioner.encoders["text"].tokenizer.source.startswith(str(tmp_path / "a" / "tokenizers"))
+
+
+def test_a_checkpoint_config_that_still_names_a_tokenizer_cache_loads(tmp_path):
+    """Checkpoints written while the cache path was a condition option keep it in their config.yaml."""
+    current = validate(compose_config(["+condition=text", "+experiment=tiny", f"cache_dir={tmp_path / 'now'}"]))
+    saved = OmegaConf.create(OmegaConf.to_yaml(current, resolve=True))
+    saved.condition.text.tokenizer_cache = str(tmp_path / "then")
+    check_same_model(saved, current, "RUN")
+    rebuilt = checkpoint_run_config(current, saved)  # as load_trained rebuilds the checkpoint's model
+    encoder = build_system(rebuilt, ShapesWorld(resolution=32, kind="multi", size=32, seed=1)).model.conditioner.encoders["text"]
+    assert encoder.tokenizer.source.startswith(str(tmp_path / "now"))  # the option is ignored: the run's cache_dir
 
 
 # --- the learned encoder -----------------------------------------------------------------------

@@ -55,6 +55,12 @@ class UNet(nn.Module):
     context_dim: width of the cross-attention context; None builds no cross-attention.
     vector_dim: width of the vector condition y added to the timestep embedding; None: no y.
     use_linear_proj: linear instead of 1×1-conv proj_in/proj_out in the transformers (SD 2.x).
+    coordinate_frequencies: F > 0 appends 4·F fixed channels to the input, sin and cos of π·2^k·u
+        (k < F) for each axis u in [-1, 1] across the latent (CoordConv, Liu et al. 2018, with the
+        Fourier features of Tancik et al. 2020). A convolutional UNet knows where it is only through
+        its padding, and at 8×8 latents the first attention's receptive field does not reach the
+        border from the centre; a condition that names positions through cross-attention (boxes,
+        "left of") needs them. 0 (the default) keeps the CompVis / SD layout exactly.
     """
 
     def __init__(
@@ -73,13 +79,17 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_linear_proj: bool = False,
         num_groups: int = 32,
+        coordinate_frequencies: int = 0,
     ):
         super().__init__()
+        if coordinate_frequencies < 0:
+            raise ValueError(f"coordinate_frequencies must be >= 0, got {coordinate_frequencies}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.context_dim = context_dim
         self.vector_dim = vector_dim
+        self.coordinate_frequencies = coordinate_frequencies
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         depths = (
             [transformer_depth] * len(channel_mult)
@@ -109,7 +119,7 @@ class UNet(nn.Module):
                 channels, heads, width, depth, context_dim, dropout, use_linear_proj, num_groups
             )
 
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels + 4 * coordinate_frequencies, model_channels, 3, padding=1))])
         skip_channels = [model_channels]  # channels of each input block's output, consumed by the decoder
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -172,7 +182,7 @@ class UNet(nn.Module):
             emb = emb + self.vector_embed(y)
 
         skips = []
-        h = x
+        h = torch.cat([x, self.coordinates(x)], dim=1) if self.coordinate_frequencies else x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
@@ -181,3 +191,14 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, h', w')
         norm, _, conv = self.out
         return conv(silu_(norm(h)))
+
+    def coordinates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4·F, h, w) Fourier features of each latent position, u in [-1, 1] from edge to edge of
+        x (so at a larger sampling size they still span the image): sin of each frequency, then cos, for x then y."""
+        b, _, h, w = x.shape
+        omega = torch.pi * 2.0 ** torch.arange(self.coordinate_frequencies, device=x.device, dtype=torch.float32)  # (F,)
+        def axis(n: int) -> torch.Tensor:  # (2F, n): sin then cos, pixel centres
+            angles = omega[:, None] * ((torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) / n * 2 - 1)
+            return torch.cat([angles.sin(), angles.cos()])
+        features = torch.cat([axis(w)[:, None, :].expand(-1, h, w), axis(h)[:, :, None].expand(-1, h, w)])  # (4F, h, w)
+        return features.to(x.dtype).expand(b, -1, -1, -1)

@@ -9,6 +9,13 @@ No state is kept between calls, inputs are never modified in place, and noise is
 the given torch.Generator (which must live on x's device), so a seed fixes the result.
 The last step, to σ = 0, returns the denoised estimate.
 
+Precision: the model sees x in x's dtype and σ in the sigmas' own dtype (float32 from the schedule)
+on x's device, whatever x's dtype: a bfloat16 σ would reach the network as another timestep. The
+step arithmetic runs in at least float32 and each new x is rounded back to x's dtype once, so a
+bfloat16 latent is rounded once per step, not once per operation, and the multistep combinations
+(PLMS's Adams–Bashforth weights up to 59/24, 2M's extrapolation), which cancel large terms, are
+not taken in 8 significant bits.
+
 In VE coordinates the noise estimate is ε̂ = (x − x̂0)/σ, and a deterministic DDIM step from σ to
 σ' keeps ε̂ fixed: x' = x̂0 + σ'·ε̂ (Song et al. 2021; it is Euler's method on the probability-flow
 ODE dx/dσ = ε̂, Karras et al. 2022). `_ddim_step` is that step; the other samplers only change the
@@ -27,9 +34,18 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # ----- shared step math --------------------------------------------------------------------
 
 
+def _step_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a step is computed in: x's, at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _denoise(model: Model, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """model(x, σ broadcast to the batch): (B, ...)."""
-    return model(x, sigma.to(x) * x.new_ones(x.shape[0]))
+    """model(x, σ repeated over the batch) in the step dtype: (B, ...).
+
+    σ moves to x's device only and keeps its own dtype: cast to a bfloat16 x, it and the timestep the
+    noise process derives from it would be rounded (SD's t = 981 would reach the network as 980).
+    """
+    return model(x, sigma.to(x.device).repeat(x.shape[0])).to(_step_dtype(x))
 
 
 def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -78,11 +94,11 @@ def sample_ddim(
         denoised = _denoise(model, x, sigma)
         _report(callback, i, x, sigma, denoised)
         if eta == 0 or sigma_next == 0:
-            x = _ddim_step(x, denoised, sigma, sigma_next)
+            x = _ddim_step(x, denoised, sigma, sigma_next).to(x.dtype)
             continue
         sigma_down, sigma_up = _ancestral_sigmas(sigma, sigma_next, eta)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = _ddim_step(x, denoised, sigma, sigma_down) + sigma_up * noise
+        x = (_ddim_step(x, denoised, sigma, sigma_down) + sigma_up * noise.to(denoised)).to(x.dtype)
     return x
 
 
@@ -134,7 +150,7 @@ def sample_plms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
         _report(callback, i, x, sigma, denoised)
         eps = _eps(x, denoised, sigma)
         if not old_eps and sigma_next > 0:
-            x_trial = _ddim_step(x, denoised, sigma, sigma_next)
+            x_trial = _ddim_step(x, denoised, sigma, sigma_next).to(x.dtype)  # the model's input
             eps_next = _eps(x_trial, _denoise(model, x_trial, sigma_next), sigma_next)
             eps_prime = (eps + eps_next) / 2
         elif not old_eps:  # a single step straight to σ = 0: nothing to improve on
@@ -144,7 +160,7 @@ def sample_plms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
             coefficients = _ADAMS_BASHFORTH[len(history)]
             eps_prime = sum(c * e for c, e in zip(coefficients, history))
         old_eps = [eps, *old_eps][:3]
-        x = _ddim_step(x, x - sigma * eps_prime, sigma, sigma_next)
+        x = _ddim_step(x, x - sigma * eps_prime, sigma, sigma_next).to(x.dtype)
     return x
 
 
@@ -163,7 +179,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, call
         denoised = _denoise(model, x, sigma)
         _report(callback, i, x, sigma, denoised)
         if sigma_next == 0:
-            x = denoised
+            x = denoised.to(x.dtype)
             break
         h = sigma.log() - sigma_next.log()  # λ' − λ
         if old_denoised is None:
@@ -171,7 +187,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, call
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = _ddim_step(x, d, sigma, sigma_next)
+        x = _ddim_step(x, d, sigma, sigma_next).to(x.dtype)
         old_denoised, h_prev = denoised, h
     return x
 

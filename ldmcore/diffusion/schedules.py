@@ -74,9 +74,10 @@ class NoiseSchedule:
         self.num_timesteps = len(betas)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T,) float64, decreasing
-        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
-        self.log_sigmas = sigmas.log()  # (T,) float64, increasing: the interpolation grid
-        self.sigmas = sigmas.float()  # (T,) float32
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().float()  # (T,) float32
+        # (T,) float64, increasing: the interpolation grid, of the float32 table itself, so that
+        # sigma_to_t(sigmas[t]) is exactly t and t_to_sigma(t) exactly sigmas[t]
+        self.log_sigmas = self.sigmas.double().log()
 
     @classmethod
     def from_name(cls, kind: str, num_timesteps: int = 1000, **kw) -> "NoiseSchedule":
@@ -92,12 +93,14 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous timestep t ∈ [0, T−1] (float, σ's shape) of σ, by interpolation in log σ.
+        """Continuous timestep t ∈ [0, T−1] (σ's shape, σ's dtype but at least float32) of σ, by
+        interpolation in log σ; t of a table entry `sigmas[k]` is exactly k.
 
         σ outside [σ_0, σ_{T−1}] is clamped to the ends. Inverse of `t_to_sigma`.
         """
         sigma = torch.as_tensor(sigma)
-        out_dtype = sigma.dtype if sigma.is_floating_point() else torch.float32
+        # at least float32: bfloat16 steps by 4 between t = 512 and 1024
+        out_dtype = torch.promote_types(sigma.dtype, torch.float32) if sigma.is_floating_point() else torch.float32
         if self.num_timesteps == 1:  # a single timestep: nothing to interpolate
             return torch.zeros(sigma.shape, dtype=out_dtype, device=sigma.device)
         log_sigmas = self.log_sigmas.to(sigma.device)

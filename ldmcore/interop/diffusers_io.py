@@ -58,6 +58,9 @@ def _modern_name(key: str) -> str:
 def save_unet(unet: UNet, folder: str | Path, sample_size: int | None = None) -> Path:
     """Write ``unet`` as a diffusers ``UNet2DConditionModel`` folder (atomically; an existing
     folder is replaced). sample_size: the latent size pipelines default to (64 for SD 1.x)."""
+    if unet.coordinate_frequencies:
+        raise ValueError(f"this UNet appends {4 * unet.coordinate_frequencies} coordinate channels to its input "
+                         "(denoiser.coordinate_frequencies); a diffusers UNet2DConditionModel has no such input")
     tensors = unet_diffusers(unet).to_foreign(unet.state_dict())
     return _write(Path(folder), unet_config(unet, sample_size), tensors)
 

@@ -85,7 +85,7 @@ class Tokenizer:
         return self._processor.encode(string, out_type=str)
 
 
-def obtain_tokenizer(strings: Iterable[str], vocab_size: int, model_type: str, cache_dir: str | None) -> Tokenizer:
+def obtain_tokenizer(strings: Iterable[str], vocab_size: int, model_type: str, cache_dir: str | Path | None) -> Tokenizer:
     """The tokenizer of this set of strings: read from ``cache_dir/tokenizers`` when fitted before,
     otherwise fitted now (and written there when a cache folder is given)."""
     settings = {"kind": "sentencepiece", "vocab_size": vocab_size, "model_type": model_type}

@@ -32,7 +32,7 @@ from ldmcore.training.checkpoint import (
     module_tensors,
     save_checkpoint,
 )
-from ldmcore.training.optim import lr_factor
+from ldmcore.training.optim import adamw, lr_factor
 from ldmcore.training.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def train_first_stage(autoencoder, dataset, options: DictConfig, seed: int) -> l
     metrics (e.g. codebook perplexity and usage)."""
     options = OmegaConf.merge(OmegaConf.structured(FirstStageTrainConfig), options)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=options.lr, weight_decay=0.0)
+    optimizer = adamw(autoencoder.parameters(), lr=options.lr)
     perceptual = _perceptual(options)
     discriminator = _discriminator(options)
     history = []

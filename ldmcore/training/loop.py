@@ -27,7 +27,7 @@ from ldmcore.sampling import slice_batch
 from ldmcore.training import distributed
 from ldmcore.training.checkpoint import load_module_state, module_tensors, save_run_checkpoint, write_text_atomic
 from ldmcore.training.ema import EMA
-from ldmcore.training.optim import load_optimizer_tensors, lr_factor, optimizer_tensors
+from ldmcore.training.optim import adamw, load_optimizer_tensors, lr_factor, optimizer_tensors
 from ldmcore.training.signals import stop_on_signals
 from ldmcore.training.streaming import LatentStream
 
@@ -121,7 +121,7 @@ def train_denoiser(system, dataset, latents: LatentPool | LatentStream, cfg: Dic
     objective = DenoisingLoss(model, process, system.latent_shape[1:], opts.precision)
     if ctx.enabled:  # DDP also broadcasts rank 0's weights now, so every rank starts from them
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = adamw(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     ema = EMA(model, opts.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order, t, noise, condition dropout: same on every rank
     if ctx.rank > 0:  # torch's global generator (dropout layers): a stream of its own per rank
@@ -190,8 +190,8 @@ def train_denoiser(system, dataset, latents: LatentPool | LatentStream, cfg: Dic
                     if streaming:  # the micro-batch's rows of this rank's own samples, encoded now
                         batch = slice_batch(own, part.start - first_row, part.stop - first_row)
                         z = reader.latents(batch["image"], posterior_noise[part])
-                    else:
-                        batch = dataset.batch(indices[part].tolist())
+                    else:  # the items' condition keys; a model without conditions reads none
+                        batch = dataset.batch(indices[part].tolist()) if model.conditioner.names else {}
                         z = z0[part]
                     loss = objective(batch, z.to(device), t[part].to(device), noise[part].to(device),
                                      {name: k[part] for name, k in keep.items()}).mean() / len(rows)

@@ -41,6 +41,9 @@ IOU_THRESHOLD = 0.5  # a generated object keeps the reference's position when th
 class ImageTextEncoder(ConditionEncoder):
     """(reference image B x 3 x H x W in [-1, 1], captions) -> crossattn (B, L_img + L_text, D).
 
+    The image tokens carry the reference's positions, so the denoiser gets coordinate channels
+    (``needs_positions``) to put each object where the reference has it.
+
     image        the image part (:class:`ImageTokens`); its C-wide tokens are projected to D
     text         a caption encoder of the text plugin, producing (B, L_text, D); D is the context width
     null         ``learned``: the absent image is learned null tokens, the absent text the encoding of
@@ -48,6 +51,8 @@ class ImageTextEncoder(ConditionEncoder):
     image_dropout, text_dropout  training probabilities of replacing only that part by its null,
                  per sample (the conditioner's ``dropout`` replaces both at once)
     """
+
+    needs_positions = True
 
     def __init__(self, image: ImageTokens, text: ConditionEncoder, null: str = "learned",
                  image_dropout: float = 0.0, text_dropout: float = 0.0):
@@ -99,12 +104,6 @@ def _drop(tokens: torch.Tensor, null: torch.Tensor, p: float) -> torch.Tensor:
 # --- building ----------------------------------------------------------------------------------
 
 
-def _option(options, key, default=None):
-    """An option, or ``default`` where it is missing or cannot be resolved (a plugin config read
-    on its own, outside a run, has no ``cache_dir`` to interpolate)."""
-    return OmegaConf.select(options, key, default=default, throw_on_resolution_failure=False)
-
-
 def _probability(options, key: str) -> float:
     p = float(options[key])
     if not 0.0 <= p <= 1.0:
@@ -112,9 +111,10 @@ def _probability(options, key: str) -> float:
     return p
 
 
-def build_text_encoder(options, null: str, data) -> ConditionEncoder:
+def build_text_encoder(options, null: str, data, cache_dir: Path | None) -> ConditionEncoder:
     """The caption encoder from ``condition.image_text.text`` (the same options as ``condition.text``,
-    built from the same core string encoders); ``null`` is the null kind (empty | zeros)."""
+    built from the same core string encoders); ``null`` is the null kind (empty | zeros); a fitted
+    tokenizer is cached under ``cache_dir``."""
     where = f"condition.{NAME}.text"
     encoder = str(options.encoder)
     max_length = int(options.max_length)
@@ -135,7 +135,7 @@ def build_text_encoder(options, null: str, data) -> ConditionEncoder:
         raise ConfigError(f"the learned text encoder of {NAME} fits its tokenizer to the data's captions, but the data "
                           f"source {data.name} cannot list them (DataInfo.values is None); use {where}.encoder=pretrained")
     captions = data.values(TEXT_KEY, int(options.tokenizer_captions))
-    tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), _option(options, "tokenizer_cache"))
+    tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), cache_dir)
     if tokenizer.vocab_size > int(options.vocab_size):
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than {where}.vocab_size={options.vocab_size}")
     return LearnedStringEncoder(tokenizer, int(options.vocab_size), max_length, int(options.embed_dim), int(options.depth),
@@ -170,19 +170,19 @@ def ldmcore_batch_keys():
 
 
 @hookimpl
-def ldmcore_build_encoder(options, data):
+def ldmcore_build_encoder(options, data, cache_dir):
     null = str(options.null_condition)
     if null not in NULLS:
         raise ConfigError(f"condition.{NAME}.null_condition must be one of {', '.join(NULLS)}, got {null!r}")
     image_dropout, text_dropout = _probability(options, "image_dropout"), _probability(options, "text_dropout")
-    text = build_text_encoder(options.text, "empty" if null == "learned" else "zeros", data)
+    text = build_text_encoder(options.text, "empty" if null == "learned" else "zeros", data, cache_dir)
     image = build_image_tokens(options.image, data.resolution)
     return ImageTextEncoder(image, text, null, image_dropout, text_dropout)
 
 
 @hookimpl
-def ldmcore_parse_value(value, data):
-    return parse_value(value, data.resolution)
+def ldmcore_parse_value(value, data, root):
+    return parse_value(value, data.resolution, root)
 
 
 @hookimpl

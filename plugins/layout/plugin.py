@@ -27,6 +27,8 @@ NULLS = ("empty", "zeros")
 class LayoutEncoder(ConditionEncoder):
     """Boxes and labels -> tokens (B, 1 + 3·max_objects) -> transformer -> (B, L, embed_dim)."""
 
+    needs_positions = True  # tokens name places: the denoiser gets coordinate channels to match them
+
     def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty",
                  corner_frequencies: int = 0):
         super().__init__()

@@ -9,8 +9,8 @@ at sampling a small fixed level (``sample_noise_level``) hides the gap between t
 and a user's. The low-res image is ``1 / factor`` of ``data.resolution`` (4: 32 px from 8 px,
 64 px from 16 px); resampling scales by a ratio, so ``sample_scale=2`` works too.
 
-User values: a path to an RGB PNG of the low-res size (relative paths from the working
-directory), or the image inline as a nested list 3 x r x r of numbers in [-1, 1] — what
+User values: a path to an RGB PNG of the low-res size (a relative path starts at the conditions
+file's folder), or the image inline as a nested list 3 x r x r of numbers in [-1, 1] — what
 ``ldmcore_format_value`` writes, exactly (a batch holds the pixels, not the file they came from).
 """
 
@@ -144,11 +144,11 @@ def ldmcore_build_encoder(options, data, latent_shape):
 
 
 @hookimpl
-def ldmcore_parse_value(value, options, data):
-    """A path to an RGB PNG of data.resolution / factor pixels, or the inline nested list."""
+def ldmcore_parse_value(value, options, data, root):
+    """A path to an RGB PNG of data.resolution / factor pixels (relative to ``root``), or the inline nested list."""
     side = _low_res_side(options, data)
     if isinstance(value, str):
-        return {KEY: _read_png(Path(value).expanduser(), side)}
+        return {KEY: _read_png(Path(root) / Path(value).expanduser(), side)}
     if isinstance(value, list):
         return {KEY: _read_inline(value, side)}
     raise ValueError(f"a low-res image is a path to an RGB PNG of {side}x{side} pixels or a nested list "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from ldmcore.conditioning import ConditionEncoder, FrozenReference
@@ -78,12 +77,6 @@ class MaskedImageEncoder(ConditionEncoder):
         return {"concat": nothing_known.expand(batch_size, -1, -1, -1)}
 
 
-def _option(options, key: str, default=None):
-    """An option, or ``default`` where it is missing or cannot be resolved (a plugin config read
-    on its own, outside a run, has no ``cache_dir`` to interpolate)."""
-    return OmegaConf.select(options, key, default=default, throw_on_resolution_failure=False)
-
-
 def _composite(options) -> bool:
     composite = options.composite
     if not isinstance(composite, bool):
@@ -113,14 +106,14 @@ def ldmcore_build_encoder(options, first_stage):
 
 
 @hookimpl
-def ldmcore_parse_value(value, data):
-    return values.parse_value(value, data.resolution)
+def ldmcore_parse_value(value, data, root):
+    return values.parse_value(value, data.resolution, root)
 
 
 @hookimpl
-def ldmcore_format_value(batch, index, options):
-    folder = values.value_folder(_option(options, "value_dir"))
-    return values.format_value(batch["image"][index], batch["mask"][index], folder)
+def ldmcore_format_value(batch, index, cache_dir):
+    """``{"image": path, "mask": path}``: the sample's PNGs, written under ``<cache_dir>/masked_image``."""
+    return values.format_value(batch["image"][index], batch["mask"][index], values.value_folder(cache_dir))
 
 
 @hookimpl

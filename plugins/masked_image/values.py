@@ -1,9 +1,10 @@
 """User values of the ``masked_image`` condition: ``{"image": "picture.png", "mask": "mask.png"}``.
 
 The picture is an RGB PNG of the model's resolution; the mask a PNG of the same size, white where
-the image is to be generated and black where it is kept. Paths are read as given (relative to the
-working folder). ``format_value`` writes a sample's image and mask as PNGs named by their content,
-so formatting the same sample twice names the same files.
+the image is to be generated and black where it is kept. A relative path starts at the conditions
+file's folder (``root``), an absolute one stays as it is. ``format_value`` writes a sample's image
+and mask as PNGs named by their content (absolute paths), so formatting the same sample twice names
+the same files.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ KEYS = ("image", "mask")
 EXAMPLE = '{"image": "picture.png", "mask": "mask.png"} (mask: white = generate, black = keep)'
 
 
-def _open(path_text, key: str) -> Image.Image:
+def _open(path_text, key: str, root: Path) -> Image.Image:
     if not isinstance(path_text, str) or not path_text.strip():
         raise ValueError(f"masked_image {key!r} must be a PNG file path; got {path_text!r}")
-    path = Path(path_text).expanduser()
+    path = Path(root) / Path(path_text).expanduser()
     if not path.is_file():
         raise ValueError(f"masked_image {key} file {path} does not exist")
     try:
@@ -42,17 +43,17 @@ def _check_size(picture: Image.Image, key: str, path: str, resolution: int) -> N
         raise ValueError(f"masked_image {key} file {path} is {w}x{h} pixels; this model takes {resolution}x{resolution}")
 
 
-def read_image(path: str, resolution: int) -> torch.Tensor:
+def read_image(path: str, resolution: int, root: Path) -> torch.Tensor:
     """float32 3 x R x R in [-1, 1], converted exactly as the shapes world converts uint8 pixels."""
-    picture = _open(path, "image")
+    picture = _open(path, "image", root)
     _check_size(picture, "image", path, resolution)
     pixels = np.asarray(picture.convert("RGB")).transpose(2, 0, 1).copy()  # (3, R, R) uint8
     return torch.from_numpy(pixels).float().div_(127.5).sub_(1.0)
 
 
-def read_mask(path: str, resolution: int) -> torch.Tensor:
+def read_mask(path: str, resolution: int, root: Path) -> torch.Tensor:
     """float32 1 x R x R of 0 (keep, black) and 1 (generate, white); any other gray level is refused."""
-    picture = _open(path, "mask")
+    picture = _open(path, "mask", root)
     _check_size(picture, "mask", path, resolution)
     gray = np.asarray(picture.convert("L"))  # (R, R); a colored pixel becomes a gray level in between
     other = (gray != 0) & (gray != 255)
@@ -63,11 +64,12 @@ def read_mask(path: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(gray == 255).float()[None]
 
 
-def parse_value(value, resolution: int) -> dict[str, torch.Tensor]:
-    """``{"image": path, "mask": path}`` -> batch keys of one sample: image (3 x R x R), mask (1 x R x R)."""
+def parse_value(value, resolution: int, root: Path) -> dict[str, torch.Tensor]:
+    """``{"image": path, "mask": path}`` (relative to ``root``) -> batch keys of one sample: image
+    (3 x R x R), mask (1 x R x R)."""
     if not isinstance(value, Mapping) or set(value) != set(KEYS):
         raise ValueError(f"a masked_image condition is {EXAMPLE}; got {value!r}")
-    return {"image": read_image(value["image"], resolution), "mask": read_mask(value["mask"], resolution)}
+    return {"image": read_image(value["image"], resolution, root), "mask": read_mask(value["mask"], resolution, root)}
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -88,10 +90,10 @@ def _write_png(array: np.ndarray, folder: Path, kind: str) -> str:
     return str(path)
 
 
-def value_folder(value_dir: str | None) -> Path:
-    """Where ``format_value`` writes: ``<value_dir>/masked_image``, or the system temporary folder."""
-    root = Path(value_dir).expanduser() if value_dir else Path(tempfile.gettempdir())
-    return root / "masked_image"
+def value_folder(cache_dir: Path | None) -> Path:
+    """Where ``format_value`` writes: ``<cache_dir>/masked_image``, or under the system temporary folder."""
+    base = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir())
+    return base.absolute() / "masked_image"
 
 
 def format_value(image: torch.Tensor, mask: torch.Tensor, folder: Path) -> dict[str, str]:

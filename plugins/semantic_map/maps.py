@@ -4,7 +4,7 @@ A map is an H x W grid of class ids: 0 = background, ``1 + label`` for the data'
 (the ``segmentation`` batch key). Two user-facing forms:
 
     "maps/0001.png"                                  an index PNG (mode L or P), pixel value = class id;
-                                                     a relative path is read from the working directory
+                                                     a relative path starts at the conditions file's folder
     {"size": [H, W], "runs": [[id, count], ...]}     run-length form, row-major: ``count`` pixels of
                                                      class ``id``, then the next run
 
@@ -105,10 +105,11 @@ def encode_runs(segmentation: torch.Tensor) -> dict:
     return {"size": list(ids.shape), "runs": [[int(flat[s]), int(n)] for s, n in zip(starts, counts)]}
 
 
-def parse_map(value, resolution: int, num_ids: int) -> torch.Tensor:
-    """A user's map in either form -> int64 (resolution, resolution) class ids."""
+def parse_map(value, resolution: int, num_ids: int, root: Path) -> torch.Tensor:
+    """A user's map in either form -> int64 (resolution, resolution) class ids; a relative PNG path
+    starts at ``root`` (the conditions file's folder), an absolute one stays as it is."""
     if isinstance(value, str):
-        return read_png(Path(value).expanduser(), resolution, num_ids)
+        return read_png(Path(root) / Path(value).expanduser(), resolution, num_ids)
     if isinstance(value, dict):
         return decode_runs(value, resolution, num_ids)
     raise ValueError(f"a semantic map is {FORMS}; got {value!r:.80}")

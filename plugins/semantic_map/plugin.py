@@ -102,9 +102,9 @@ def ldmcore_build_encoder(options, data, latent_shape):
 
 
 @hookimpl
-def ldmcore_parse_value(value, data):
-    """A path to an index PNG of data.resolution pixels, or the run-length form (see maps.py)."""
-    return {KEY: parse_map(value, data.resolution, _num_ids(data))}
+def ldmcore_parse_value(value, data, root):
+    """A path to an index PNG of data.resolution pixels (relative to ``root``), or the run-length form (see maps.py)."""
+    return {KEY: parse_map(value, data.resolution, _num_ids(data), root)}
 
 
 @hookimpl

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ldmcore.hookspecs import hookimpl
 
 from ldmcore.nn.string_encoders import LearnedStringEncoder, PretrainedStringEncoder
@@ -20,12 +18,6 @@ from ldmcore.nn.tokenizer import obtain_tokenizer
 NAME = "text"
 KEY = "caption"
 ENCODERS = ("learned", "pretrained")
-
-
-def _option(options, key, default=None):
-    """An option, or ``default`` where it is missing or cannot be resolved (a plugin config read
-    on its own, outside a run, has no ``cache_dir`` to interpolate)."""
-    return OmegaConf.select(options, key, default=default, throw_on_resolution_failure=False)
 
 
 @hookimpl
@@ -44,23 +36,29 @@ def ldmcore_batch_keys():
 
 
 @hookimpl
-def ldmcore_build_encoder(options, data):
-    encoder = str(options.encoder)
-    if encoder == "pretrained":
+def ldmcore_build_encoder(options, data, cache_dir):
+    """The learned encoder (its tokenizer fitted to the data's captions, cached under ``cache_dir``) or
+    the pretrained one. Captions order their objects left to right, so the encoder declares
+    ``needs_positions``: the denoiser gets coordinate channels to place them."""
+    kind = str(options.encoder)
+    if kind == "pretrained":
         if not options.pretrained:
             raise ValueError("condition.text.encoder=pretrained needs condition.text.pretrained=PATH, a local Hugging Face folder")
-        return PretrainedStringEncoder(str(Path(str(options.pretrained)).expanduser()), int(options.max_length),
-                                       str(options.null_condition), key=KEY, option="condition.text")
-    if encoder != "learned":
-        raise ValueError(f"condition.text.encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
-    if data.values is None:
-        raise ValueError(f"the learned text encoder fits its tokenizer to the data's captions, but the data source "
-                         f"{data.name} cannot list them (DataInfo.values is None); use condition.text.encoder=pretrained")
-    captions = data.values(KEY, int(options.tokenizer_captions))
-    tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), _option(options, "tokenizer_cache"))
-    return LearnedStringEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
-                                int(options.depth), int(options.num_heads), str(options.null_condition), key=KEY,
-                                option="condition.text")
+        encoder = PretrainedStringEncoder(str(Path(str(options.pretrained)).expanduser()), int(options.max_length),
+                                          str(options.null_condition), key=KEY, option="condition.text")
+    elif kind == "learned":
+        if data.values is None:
+            raise ValueError(f"the learned text encoder fits its tokenizer to the data's captions, but the data source "
+                             f"{data.name} cannot list them (DataInfo.values is None); use condition.text.encoder=pretrained")
+        captions = data.values(KEY, int(options.tokenizer_captions))
+        tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), cache_dir)
+        encoder = LearnedStringEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
+                                       int(options.depth), int(options.num_heads), str(options.null_condition), key=KEY,
+                                       option="condition.text")
+    else:
+        raise ValueError(f"condition.text.encoder must be one of {', '.join(ENCODERS)}, got {kind!r}")
+    encoder.needs_positions = True
+    return encoder
 
 
 @hookimpl
