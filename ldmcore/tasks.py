@@ -32,6 +32,9 @@ MODEL_SECTIONS = ("data", "autoencoder", "denoiser", "noise", "condition")
 # Options that permit reading a file (a pickled one), by name at any depth of the model sections, a
 # plugin's included: they do not change the model, so a checkpoint is compared without them.
 LOADING_FLAGS = frozenset({"allow_pickle"})
+# Options whose null means "derived from the selected conditions" (``ldmcore.system.coordinate_option``):
+# the config cannot tell what was built, the weights' shapes can, and loading checks them key by key.
+DERIVED_OPTIONS = frozenset({"coordinate_frequencies"})
 NOTHING = object()  # an option a config does not have
 
 
@@ -161,7 +164,7 @@ def _shown(value) -> str:
 
 def model_differences(saved, current, path: str = "") -> list[str]:
     """The options on which two model configs (plain containers) differ, as ``dotted.key: checkpoint A, config B``.
-    Left out: loading flags (``LOADING_FLAGS``, at any depth) and options only the checkpoint has (options
+    Left out: loading flags (``LOADING_FLAGS``, at any depth), derived options (``DERIVED_OPTIONS``) and options only the checkpoint has (options
     since removed, which nothing reads); where an option of a ``_target_`` section is missing on one side,
     the constructor's default is what it got."""
     if not (isinstance(saved, dict) and isinstance(current, dict)):
@@ -169,7 +172,7 @@ def model_differences(saved, current, path: str = "") -> list[str]:
     same_target = saved.get("_target_") if saved.get("_target_") == current.get("_target_") else None
     found = []
     for key in [*saved, *(k for k in current if k not in saved)]:
-        if key in LOADING_FLAGS:
+        if key in LOADING_FLAGS or key in DERIVED_OPTIONS:
             continue
         a, b = saved.get(key, NOTHING), current.get(key, NOTHING)
         if same_target is not None:  # a constructor argument a config leaves out got its default

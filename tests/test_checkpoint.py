@@ -99,6 +99,12 @@ def test_a_checkpoint_written_before_newer_options_is_the_same_model():
     assert "condition.layout.corner_frequencies: checkpoint 4, config 0" in str(error.value)
 
 
+def test_a_checkpoint_from_before_coordinate_channels_resumes_where_none_are_derived():
+    saved = saved_config("+condition=class")
+    del saved.denoiser["coordinate_frequencies"]  # written before the option existed: built with none
+    check_same_model(saved, validate(compose_config(["+condition=class"])), "RUN")  # null derives 0 for a class token
+
+
 def test_loading_flags_and_options_since_removed_are_not_compared():
     saved = saved_config("+condition=image_text")
     saved.condition.image_text.text.tokenizer_cache = "/the/cache/dir/of/then"  # options this version no longer has

@@ -60,7 +60,8 @@ class UNet(nn.Module):
         Fourier features of Tancik et al. 2020). A convolutional UNet knows where it is only through
         its padding, and at 8×8 latents the first attention's receptive field does not reach the
         border from the centre; a condition that names positions through cross-attention (boxes,
-        "left of") needs them. 0 (the default) keeps the CompVis / SD layout exactly.
+        "left of") needs them. 0 (the default) keeps the CompVis / SD layout exactly; None is 0 here
+        (``ldmcore.system.build_system`` resolves the config's null from the selected conditions).
     """
 
     def __init__(
@@ -79,9 +80,10 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_linear_proj: bool = False,
         num_groups: int = 32,
-        coordinate_frequencies: int = 0,
+        coordinate_frequencies: int | None = 0,
     ):
         super().__init__()
+        coordinate_frequencies = coordinate_frequencies or 0  # None (the config's "auto", unresolved: no condition asks)
         if coordinate_frequencies < 0:
             raise ValueError(f"coordinate_frequencies must be >= 0, got {coordinate_frequencies}")
         self.in_channels = in_channels
