@@ -31,7 +31,8 @@ from ldmcore.data.shapes import ShapesWorld
 from ldmcore.data.skips import DataError
 from ldmcore.data.webdataset import WebDataset
 from ldmcore.system import build, build_system
-from ldmcore.tasks import check_same_model, read_conditions
+from ldmcore.model_config import check_same_model
+from ldmcore.tasks import read_conditions
 from ldmcore.training.checkpoint import CheckpointError, load_module_state, module_tensors, resolve_checkpoint
 
 N = 4  # items of each small data set; item 0 is the bad one

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import compose_config
 from ldmcore.config import validate
-from ldmcore.tasks import check_same_model, checkpoint_run_config
+from ldmcore.model_config import check_same_model, checkpoint_run_config
 from ldmcore.training.checkpoint import (
     CheckpointError,
     load_checkpoint,

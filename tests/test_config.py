@@ -14,7 +14,7 @@ from ldmcore.config import ConfigError, validate
 from ldmcore.data.base import data_info
 from ldmcore.pluginmanager import installed
 from ldmcore.system import build, build_system
-from ldmcore.tasks import check_same_model
+from ldmcore.model_config import check_same_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_OPTIONS = [

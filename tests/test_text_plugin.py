@@ -15,7 +15,7 @@ from ldmcore.data.base import DataInfo, data_info
 from ldmcore.data.shapes import ShapesWorld
 from ldmcore.pluginmanager import installed
 from ldmcore.system import build_system
-from ldmcore.tasks import check_same_model, checkpoint_run_config
+from ldmcore.model_config import check_same_model, checkpoint_run_config
 from ldmcore.nn.tokenizer import BEGIN, END, PAD, Tokenizer, fit_sentencepiece, obtain_tokenizer
 
 LATENT = (8, 8)
