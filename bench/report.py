@@ -32,9 +32,11 @@ at a time. Scores come from the shapes world's exact reader (SHAPES.md: shape by
 valid only at IoU ≥ 0.75) on the run's evaluation grid: 180 samples (10 per class for the class
 model), DDIM 50 steps, guidance scale 3 for the class model.
 
-The defaults changed on 2026-12-03: v-prediction (`noise=cosine_v`) and batch 64 × 2000 steps
-(before: ε-prediction, batch 128 × 1000), so rows of the same command before and after that date
-are different recipes. The machine's speed varies: *machine* is the fp32 matmul rate (2048², two
+The defaults changed twice on 2026-12-03: first to v-prediction (`noise=cosine_v`) and batch 64 ×
+2000 steps (before: ε-prediction, batch 128 × 1000; rows of 09:00–11:05), then, to fit the ten
+minutes, to batch 64 × 1600 denoiser steps, 450 first-stage steps (was 600) and autoguidance 6 (was 4)
+(rows from 12:40 on). Rows of the same command from different recipes are different models: read the
+date and time in `bench/results/default_runs.jsonl`. The machine's speed varies: *machine* is the fp32 matmul rate (2048², two
 threads) measured right before and after the run (250 and 394 GFLOP/s were both seen within one hour
 on 2026-12-03); rows without it predate that measurement.
 

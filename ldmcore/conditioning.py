@@ -5,6 +5,9 @@ Routing (DESIGN.md, "Several conditions at once"):
     concat    B x C_i x h x w   stacked along channels       -> the denoiser's extra input channels
     crossattn B x L_i x D_i     concatenated along sequence  -> the cross-attention context
     vector    B x D_i           concatenated                 -> added to the timestep embedding
+An encoder that says where its tokens apply (``token_regions``) also returns their region maps
+under ``crossattn_regions``; they are concatenated along the sequence like the tokens (ones for
+tokens without regions) and bias the cross-attention (``ldmcore.nn.attention``, "Token regions").
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import itertools
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INJECTIONS = ("concat", "crossattn", "vector")
-Conditioning = dict[str, torch.Tensor]  # keys among INJECTIONS, batch first
+REGIONS = "crossattn_regions"  # where each cross-attention token applies: (B, L, R_h, R_w) in [0, 1]
+Conditioning = dict[str, torch.Tensor]  # keys among INJECTIONS (and REGIONS), batch first
 
 
 class ConditionEncoder(nn.Module):
@@ -30,10 +35,16 @@ class ConditionEncoder(nn.Module):
     ``needs_positions``: True where the condition names places in the image through tokens (boxes,
     "left of ..."): the denoiser is then built with coordinate channels (``UNet.coordinate_frequencies``)
     unless the config sets their number. A spatially aligned (concat) condition does not need them.
+
+    ``token_regions``: (R_h, R_w) where the condition knows where each of its tokens applies (a
+    box): ``forward`` and ``null`` then also return ``crossattn_regions`` (B, L, R_h, R_w) in
+    [0, 1] over the whole image, 1 where a token applies (a token about the whole image: 1
+    everywhere). The default null's regions are ones: no spatial prior.
     """
 
     outputs: dict[str, tuple[int, ...]] = {}
     needs_positions: bool = False
+    token_regions: tuple[int, int] | None = None
 
     def forward(self, batch: Mapping) -> Conditioning:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -44,6 +55,8 @@ class ConditionEncoder(nn.Module):
         for injection, shape in self.outputs.items():
             full = (batch_size, *shape, *latent_size) if injection == "concat" else (batch_size, *shape)
             out[injection] = torch.zeros(full, device=device)
+        if self.token_regions is not None:
+            out[REGIONS] = torch.ones(batch_size, self.outputs["crossattn"][0], *self.token_regions, device=device)
         return out
 
 
@@ -75,6 +88,9 @@ def check_outputs(name: str, encoder: ConditionEncoder) -> None:
         expected_rank = {"concat": 1, "crossattn": 2, "vector": 1}[injection]
         if len(shape) != expected_rank:
             raise ValueError(f"condition {name!r}: a {injection} output's shape must have {expected_rank} entries, got {shape}")
+    if encoder.token_regions is not None and ("crossattn" not in encoder.outputs or len(encoder.token_regions) != 2):
+        raise ValueError(f"condition {name!r}: token_regions must be (R_h, R_w) and needs a crossattn output, "
+                         f"got {encoder.token_regions} with outputs {sorted(encoder.outputs)}")
 
 
 class Conditioner(nn.Module):
@@ -102,6 +118,9 @@ class Conditioner(nn.Module):
         vector_dims = [e.outputs["vector"][0] for e in encoders.values() if "vector" in e.outputs]
         self.vector_dim = sum(vector_dims) if vector_dims else None
         self.needs_positions = any(e.needs_positions for e in encoders.values())
+        # Token regions of all plugins share the finest grid any of them declares (None: no regions).
+        region_sizes = [e.token_regions for e in encoders.values() if e.token_regions is not None]
+        self.region_size = max(region_sizes, key=lambda size: size[0] * size[1]) if region_sizes else None
 
         # Several token sequences share one context: narrower ones are projected to the widest,
         # and each plugin's tokens get a learned type embedding so attention can tell them apart.
@@ -164,7 +183,7 @@ class Conditioner(nn.Module):
                 for name, p in self.dropout.items() if p > 0}
 
     def route(self, outputs: Mapping[str, Conditioning]) -> Conditioning:
-        concat, tokens, vectors = [], [], []
+        concat, tokens, vectors, regions = [], [], [], []
         for name, out in outputs.items():
             if "concat" in out:
                 concat.append(out["concat"])
@@ -175,6 +194,8 @@ class Conditioner(nn.Module):
                 if name in self.token_types:
                     t = t + self.token_types[name]
                 tokens.append(t)
+                if self.region_size is not None:
+                    regions.append(self._regions(name, out, t.shape[:2]))
             if "vector" in out:
                 vectors.append(out["vector"])
         routed: Conditioning = {}
@@ -182,9 +203,24 @@ class Conditioner(nn.Module):
             routed["concat"] = torch.cat(concat, dim=1)  # (B, sum C_i, h, w)
         if tokens:
             routed["crossattn"] = torch.cat(tokens, dim=1)  # (B, sum L_i, D)
+        if regions:
+            routed[REGIONS] = torch.cat(regions, dim=1)  # (B, sum L_i, R_h, R_w)
         if vectors:
             routed["vector"] = torch.cat(vectors, dim=1)  # (B, sum D_i)
         return routed
+
+    def _regions(self, name: str, out: Conditioning, batch_length: torch.Size) -> torch.Tensor:
+        """One plugin's token regions on the shared grid: its own (resized if coarser), or ones."""
+        if self.encoders[name].token_regions is None:
+            return out["crossattn"].new_ones(*batch_length, *self.region_size)
+        if REGIONS not in out or out[REGIONS].shape[:2] != batch_length or out[REGIONS].dim() != 4:
+            got = tuple(out[REGIONS].shape) if REGIONS in out else "none"
+            raise ValueError(f"condition {name!r} declares token_regions, so its output needs {REGIONS!r} of shape "
+                             f"(B, L, R_h, R_w) with (B, L) = {tuple(batch_length)}; got {got}")
+        maps = out[REGIONS]
+        if tuple(maps.shape[-2:]) != tuple(self.region_size):
+            maps = F.interpolate(maps, size=self.region_size, mode="nearest")
+        return maps
 
 
 def apply_denoiser_net(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
@@ -192,4 +228,6 @@ def apply_denoiser_net(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: 
     cond = cond or {}
     if "concat" in cond:
         z = torch.cat([z, cond["concat"]], dim=1)
+    if REGIONS in cond:
+        return unet(z, t, context=cond["crossattn"], y=cond.get("vector"), context_regions=cond[REGIONS])
     return unet(z, t, context=cond.get("crossattn"), y=cond.get("vector"))

@@ -58,6 +58,8 @@ def ldmcore_build_encoder(options, data, latent_shape, first_stage, cache_dir):
     The encoder declares its injection(s) in ``encoder.outputs`` (a dict from ``"concat"``,
     ``"crossattn"`` or ``"vector"`` to the per-sample shape it produces), maps a batch to a dict
     with those keys, and gives its null condition (learned or zero) for guidance and dropout.
+    An encoder whose tokens each apply to a known part of the image sets ``token_regions`` and
+    also returns ``crossattn_regions`` (``ConditionEncoder``'s docstring).
     ``latent_shape`` is the first stage's latent (C, h, w) at ``data.resolution``: a concat
     encoder brings its condition to that size (``data.resolution // h`` is the downsampling
     factor). Sampling may use a larger latent (convolutional sampling), so a concat encoder

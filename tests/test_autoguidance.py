@@ -26,12 +26,12 @@ def test_a_run_keeps_the_snapshot_and_uses_it_without_conditions(tmp_path, tiny)
     ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     assert guide.keys() == ema.keys()
     assert any(not torch.equal(guide[k], ema[k]) for k in guide)  # step 2's EMA, not step 4's
-    assert metrics["autoguidance_scale"] == 4.0
+    assert metrics["autoguidance_scale"] == 6.0
     # the same checkpoint sampled with and without autoguidance gives different grids
     on = evaluate_checkpoint(compose_config([f"checkpoint={tmp_path / 'run'}", "+experiment=tiny"]), tmp_path / "on")
     off = evaluate_checkpoint(compose_config([f"checkpoint={tmp_path / 'run'}", "+experiment=tiny",
                                               "sampler.autoguidance_scale=1"]), tmp_path / "off")
-    assert on["autoguidance_scale"] == 4.0 and off["autoguidance_scale"] == 1.0
+    assert on["autoguidance_scale"] == 6.0 and off["autoguidance_scale"] == 1.0
     assert (tmp_path / "on" / "samples.png").read_bytes() != (tmp_path / "off" / "samples.png").read_bytes()
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import compose_config
-from ldmcore.conditioning import Conditioner
+from ldmcore.conditioning import REGIONS, Conditioner
 from ldmcore.config import ConfigError, validate
 from ldmcore.data.base import data_info
 from ldmcore.data.shapes import SHAPES, ShapesWorld, render
@@ -99,7 +99,8 @@ def test_the_conditioner_routes_it_to_the_context(plugin, world, info):
     conditioner = Conditioner({"image_text": build(plugin, info)}, {"image_text": 0.0})
     assert (conditioner.context_dim, conditioner.concat_channels, conditioner.vector_dim) == (32, 0, None)
     routed = conditioner(world.batch([0, 1]), 2, LATENT)
-    assert set(routed) == {"crossattn"} and routed["crossattn"].shape == (2, IMAGE_TOKENS + TEXT_TOKENS, 32)
+    assert set(routed) == {"crossattn", REGIONS} and routed["crossattn"].shape == (2, IMAGE_TOKENS + TEXT_TOKENS, 32)
+    assert routed[REGIONS].shape == (2, IMAGE_TOKENS + TEXT_TOKENS, 4, 4)
 
 
 def test_trained_jointly_every_part_gets_gradients(plugin, world, info):
@@ -389,3 +390,20 @@ def test_sampling_from_an_image_and_a_text(image_text_run, world, tmp_path):
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in m.items() if k != "file"} for m in manifest] == lines
     assert all((out / m["file"]).is_file() for m in manifest)
+
+
+# --- token regions ----------------------------------------------------------------------------
+
+
+def test_each_image_token_applies_at_its_own_patch_and_text_everywhere(plugin, world, info):
+    encoder = build(plugin, info).eval()
+    assert encoder.token_regions == (4, 4)  # test_vit at 32 px: 4 x 4 patches
+    out = encoder(world.batch([0, 1]))
+    null = encoder.null(2, LATENT, torch.device("cpu"))
+    assert out[REGIONS].shape == null[REGIONS].shape == (2, IMAGE_TOKENS + TEXT_TOKENS, 4, 4)
+    torch.testing.assert_close(out[REGIONS], null[REGIONS])  # fixed by the token layout
+    maps = out[REGIONS][0]
+    assert maps[5].nonzero().tolist() == [[1, 1]]  # token 5 of the row-major grid: row 1, column 1
+    assert torch.equal(maps[:IMAGE_TOKENS].sum(0), torch.ones(4, 4))  # every cell has one image token
+    assert torch.equal(maps[IMAGE_TOKENS:], torch.ones(TEXT_TOKENS, 4, 4))
+    assert REGIONS not in build(plugin, info, regions=False)(world.batch([0]))

@@ -31,12 +31,13 @@ class EmbedSequential(nn.Sequential):
     """A sequence of layers that hands the timestep embedding to ResBlocks and the context to
     SpatialTransformers (CompVis ``TimestepEmbedSequential``)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                regions: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, regions)
             else:
                 x = layer(x)
         return x
@@ -163,16 +164,22 @@ class UNet(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        context_regions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, h, w), h and w divisible by downsample_factor; t: (B,) or scalar,
-        float (continuous) or integer timesteps; context: (B, L, context_dim); y: (B, vector_dim).
-        Returns (B, out_channels, h, w)."""
+        float (continuous) or integer timesteps; context: (B, L, context_dim); y: (B, vector_dim);
+        context_regions: None or where each context token applies, (B, L, R_h, R_w) in [0, 1]
+        (``ldmcore.nn.attention``, "Token regions"). Returns (B, out_channels, h, w)."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} must be divisible by {self.downsample_factor}")
         if (context is not None) != (self.context_dim is not None):
             raise ValueError(
                 f"UNet built with context_dim={self.context_dim} got context={'None' if context is None else 'a tensor'}"
             )
+        if context_regions is not None and (context is None or context_regions.dim() != 4
+                                            or context_regions.shape[:2] != context.shape[:2]):
+            raise ValueError(f"context_regions must be (B, L, R_h, R_w) with the context's (B, L) = "
+                             f"{None if context is None else tuple(context.shape[:2])}, got {tuple(context_regions.shape)}")
         if (y is not None) != (self.vector_dim is not None):
             raise ValueError(f"UNet built with vector_dim={self.vector_dim} got y={'None' if y is None else 'a tensor'}")
 
@@ -186,11 +193,11 @@ class UNet(nn.Module):
         skips = []
         h = torch.cat([x, self.coordinates(x)], dim=1) if self.coordinate_frequencies else x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, context_regions)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, context_regions)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, h', w')
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_regions)  # (B, C + C_skip, h', w')
         norm, _, conv = self.out
         return conv(silu_(norm(h)))
 

@@ -8,6 +8,13 @@ to_v / to_out, proj_in / proj_out) so Stable Diffusion weights load by name. The
 use those weights as they are, in fewer and larger matrix products: q, k and v of self-attention
 in one, k and v of cross-attention in one, and the transformer's projections directly on the
 token layout (no copy into or out of it). `reuse_context` lets a sampler project a context once.
+
+Token regions: a condition may say where in the image each of its tokens applies, as maps
+(B, L, R_h, R_w) with values in [0, 1] (1: this token is about this place; a token about the
+whole image is 1 everywhere). Cross-attention then adds log(region) at each query's position to
+the logits, so attention is the learned weights times the spatial prior — the region masks that
+eDiff-I's "paint with words" adds to the cross-attention logits (Balaji et al. 2022, Sec. 4.3),
+here given while training as well as at sampling.
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ class Attention(nn.Module):
         # context -> (k, v) while a `reuse_context` block is open, else None
         self.context_cache: dict | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, query_dim); context: (B, L, context_dim) or None. Returns (B, N, query_dim)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, query_dim); context: (B, L, context_dim) or None; bias: None or added to the
+        attention logits, broadcastable to (B, heads, N, L) (``region_bias``). Returns (B, N, query_dim)."""
         if context is None:
             w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3·inner, query_dim)
             qkv = F.linear(x, w)  # (B, N, 3·inner): one product instead of three
@@ -59,7 +67,7 @@ class Attention(nn.Module):
         else:
             q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, heads, N, d)
             k, v = self.keys_values(context)  # (B, heads, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d), scale 1/√d
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))  # (B, heads, N, d), scale 1/√d
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, query_dim)
 
     def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +83,25 @@ class Attention(nn.Module):
         if use_cache:
             self.context_cache[key] = (context, k, v)  # holding context keeps its memory from reuse
         return k, v
+
+
+# The smallest region value: a token where its map is 0 gets log(1e-4) ≈ -9.2 added to its logits
+# (masked out in practice, yet every query keeps a finite row even if all its maps were 0).
+REGION_FLOOR = 1e-4
+
+
+def region_bias(regions: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Token regions (B, L, R_h, R_w) in [0, 1] -> cross-attention logit bias (B, 1, height·width, L)
+    for a feature map of height × width: the region maps brought to that size — max-pooled where
+    the map is finer (a token applies to a cell if it applies to any part of it), nearest where it
+    is coarser — then log(max(region, REGION_FLOOR))."""
+    b, length = regions.shape[:2]
+    if regions.shape[-2] >= height and regions.shape[-1] >= width:
+        resized = F.adaptive_max_pool2d(regions, (height, width))
+    else:
+        resized = F.interpolate(regions, size=(height, width), mode="nearest")
+    bias = resized.clamp_min(REGION_FLOOR).log()  # (B, L, H, W)
+    return bias.reshape(b, 1, length, height * width).transpose(2, 3)  # (B, 1, H·W, L)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -155,13 +182,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, dim); context: (B, L, context_dim), required iff built with context_dim."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, dim); context: (B, L, context_dim), required iff built with context_dim;
+        context_bias: None or the cross-attention logit bias (B, 1, N, L) of token regions."""
         x = add_(self.attn1(self.norm1(x)), x)
         if self.attn2 is not None:
             if context is None:
                 raise ValueError("this transformer block has cross-attention and needs a context")
-            x = add_(self.attn2(self.norm2(x), context), x)
+            x = add_(self.attn2(self.norm2(x), context, context_bias), x)
         elif context is not None:
             raise ValueError("a context was given to a transformer block built without cross-attention")
         return add_(self.ff(self.norm3(x)), x)
@@ -201,16 +229,18 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner_dim, num_heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W), either memory format; context: (B, L, context_dim) or None.
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), either memory format; context: (B, L, context_dim) or None; regions:
+        None or the context's token regions (B, L, R_h, R_w) (module docstring).
         Returns (B, C, H, W) in x's memory format."""
         batch, height = x.shape[0], x.shape[2]
+        bias = None if regions is None else region_bias(regions, height, x.shape[3])  # (B, 1, H·W, L)
         # proj_in / proj_out as matrices, whichever layer type holds them (1×1 conv or linear)
         w_in, w_out = self.proj_in.weight.flatten(1), self.proj_out.weight.flatten(1)  # (inner, C), (C, inner)
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, H·W, C), a view of either layout
         h = torch.baddbmm(self.proj_in.bias, tokens, w_in.t().expand(batch, -1, -1))  # (B, H·W, inner)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, bias)
         if x.is_contiguous():  # (B, C, H·W) = proj_out · hᵀ is x's layout
             out = torch.baddbmm(self.proj_out.bias[:, None], w_out.expand(batch, -1, -1), h.transpose(1, 2))
             out = out.view(x.shape)

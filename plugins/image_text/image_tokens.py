@@ -62,7 +62,9 @@ class ImageTokens(nn.Module):
 
     A convolutional map (B, C, h, w) gives L = h·w tokens; a transformer's sequence (B, N, C) gives
     its N patch tokens (class and register tokens, timm's ``num_prefix_tokens``, are dropped).
-    L and C are measured once, on a blank image of the data's resolution.
+    L and C are measured once, on a blank image of the data's resolution; ``grid`` is (h, w) when
+    the tokens are the cells of an h × w grid over the image, in row-major order (a feature map, or
+    a square patch grid), else None.
     """
 
     def __init__(self, name: str, resolution: int, kwargs: Mapping | None = None, weights: str | None = None,
@@ -85,9 +87,18 @@ class ImageTokens(nn.Module):
             self.model.requires_grad_(False)
         self.model.eval()  # batch statistics of one blank image would fail (or spoil) batch norms
         with torch.no_grad():
-            probe = self.forward(torch.zeros(1, 3, resolution, resolution))
+            blank = torch.zeros(1, 3, resolution, resolution)
+            probe = self.forward(blank)
+            self.num_tokens, self.width = int(probe.shape[1]), int(probe.shape[2])
+            self.grid = self._grid(self.model.forward_features(blank))
         self.train()
-        self.num_tokens, self.width = int(probe.shape[1]), int(probe.shape[2])
+
+    def _grid(self, features: torch.Tensor) -> tuple[int, int] | None:
+        if features.dim() == 4:  # a feature map
+            return tuple(features.shape[1:3]) if self.layout == "NHWC" else tuple(features.shape[2:4])
+        side = round(self.num_tokens ** 0.5)  # a ViT's patches: row-major over a square grid
+        grid = tuple(getattr(getattr(self.model, "patch_embed", None), "grid_size", None) or (side, side))
+        return grid if grid[0] * grid[1] == self.num_tokens else None
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldmcore.conditioning import ConditionEncoder
+from ldmcore.conditioning import REGIONS, ConditionEncoder
 from ldmcore.config import ConfigError
 from ldmcore.hookspecs import hookimpl
 from ldmcore.nn.string_encoders import LearnedStringEncoder, PretrainedStringEncoder
@@ -50,12 +50,15 @@ class ImageTextEncoder(ConditionEncoder):
                  the empty caption (plus its type embedding) | ``zeros``: zeros
     image_dropout, text_dropout  training probabilities of replacing only that part by its null,
                  per sample (the conditioner's ``dropout`` replaces both at once)
+    regions      each image token applies at its own cell of the image's token grid, the text tokens
+                 everywhere (``token_regions``: a prior on the denoiser's cross-attention); fixed by
+                 the token layout, so the null condition has the same regions
     """
 
     needs_positions = True
 
     def __init__(self, image: ImageTokens, text: ConditionEncoder, null: str = "learned",
-                 image_dropout: float = 0.0, text_dropout: float = 0.0):
+                 image_dropout: float = 0.0, text_dropout: float = 0.0, regions: bool = False):
         super().__init__()
         text_length, width = text.outputs["crossattn"]
         self.image, self.text = image, text
@@ -66,6 +69,14 @@ class ImageTextEncoder(ConditionEncoder):
         self.text_type = nn.Parameter(0.02 * torch.randn(width))
         self.null_image = nn.Parameter(0.02 * torch.randn(image.num_tokens, width)) if null == "learned" else None
         self.outputs = {"crossattn": (image.num_tokens + text_length, width)}
+        if regions:
+            if image.grid is None:
+                raise ConfigError(f"condition.{NAME}.regions=true needs image tokens on a grid; the {image.num_tokens} tokens "
+                                  f"of {image.name} are not (set condition.{NAME}.regions=false)")
+            self.token_regions = image.grid
+            maps = torch.ones(image.num_tokens + text_length, *image.grid)
+            maps[: image.num_tokens] = torch.eye(image.num_tokens).view(image.num_tokens, *image.grid)  # token k: cell k
+            self.register_buffer("region_maps", maps, persistent=False)
 
     def _null_parts(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The absent image (B, L_img, D) and the absent text (B, L_text, D)."""
@@ -87,10 +98,15 @@ class ImageTextEncoder(ConditionEncoder):
             null_image, null_text = self._null_parts(len(images))
             image = _drop(image, null_image, self.image_dropout)
             text = _drop(text, null_text, self.text_dropout)
-        return {"crossattn": torch.cat([image, text], dim=1)}  # (B, L_img + L_text, D)
+        return self._with_regions({"crossattn": torch.cat([image, text], dim=1)})  # (B, L_img + L_text, D)
 
     def null(self, batch_size, latent_size, device):
-        return {"crossattn": torch.cat(self._null_parts(batch_size), dim=1)}
+        return self._with_regions({"crossattn": torch.cat(self._null_parts(batch_size), dim=1)})
+
+    def _with_regions(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.token_regions is not None:
+            out[REGIONS] = self.region_maps.expand(len(out["crossattn"]), *self.region_maps.shape)
+        return out
 
 
 def _drop(tokens: torch.Tensor, null: torch.Tensor, p: float) -> torch.Tensor:
@@ -177,7 +193,7 @@ def ldmcore_build_encoder(options, data, cache_dir):
     image_dropout, text_dropout = _probability(options, "image_dropout"), _probability(options, "text_dropout")
     text = build_text_encoder(options.text, "empty" if null == "learned" else "zeros", data, cache_dir)
     image = build_image_tokens(options.image, data.resolution)
-    return ImageTextEncoder(image, text, null, image_dropout, text_dropout)
+    return ImageTextEncoder(image, text, null, image_dropout, text_dropout, bool(options.get("regions", False)))
 
 
 @hookimpl

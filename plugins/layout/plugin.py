@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldmcore.conditioning import ConditionEncoder
+from ldmcore.conditioning import REGIONS, ConditionEncoder
 from ldmcore.hookspecs import hookimpl
 from ldmcore.nn.sequence import SequenceTransformer
 
@@ -30,8 +30,11 @@ class LayoutEncoder(ConditionEncoder):
     needs_positions = True  # tokens name places: the denoiser gets coordinate channels to match them
 
     def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty",
-                 corner_frequencies: int = 0):
+                 corner_frequencies: int = 0, regions: bool = False):
         super().__init__()
+        # Each object's tokens apply inside its box: the denoiser's cross-attention gets that prior
+        # (ldmcore.nn.attention, "Token regions"); without it the model must learn the binding alone.
+        self.token_regions = (vocabulary.bins, vocabulary.bins) if regions else None
         if null not in NULLS:
             raise ValueError(f"condition.layout.null_condition must be one of {', '.join(NULLS)}, got {null!r}")
         if corner_frequencies < 0:
@@ -49,14 +52,20 @@ class LayoutEncoder(ConditionEncoder):
         return self.transformer(tokens, tokens != self.vocabulary.pad, extra)  # (B, L, D)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        return {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], batch["box_labels"]))}
+        out = {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], batch["box_labels"]))}
+        if self.token_regions is not None:
+            out[REGIONS] = self.vocabulary.regions_batch(batch["boxes"]).to(out["crossattn"].device)
+        return out
 
     def null(self, batch_size, latent_size, device):
         """``empty``: the learned encoding of a layout without objects; ``zeros``: zeros."""
         if self.null_kind == "zeros":
             return super().null(batch_size, latent_size, device)
         empty = self.encode_tokens(self.vocabulary.encode(torch.zeros(0, 4), torch.zeros(0))[None])  # (1, L, D)
-        return {"crossattn": empty.expand(batch_size, *empty.shape[1:])}
+        out = {"crossattn": empty.expand(batch_size, *empty.shape[1:])}
+        if self.token_regions is not None:  # no boxes: every token everywhere
+            out[REGIONS] = torch.ones(batch_size, self.vocabulary.length, *self.token_regions, device=empty.device)
+        return out
 
 
 def _class_names(data) -> tuple[str, ...]:
@@ -84,7 +93,7 @@ def ldmcore_batch_keys():
 def ldmcore_build_encoder(options, data):
     vocabulary = LayoutVocabulary(len(_class_names(data)), int(options.bins), int(options.max_objects))
     return LayoutEncoder(vocabulary, int(options.embed_dim), int(options.depth), int(options.num_heads), str(options.null_condition),
-                         int(options.get("corner_frequencies", 0)))
+                         int(options.get("corner_frequencies", 0)), bool(options.get("regions", False)))
 
 
 @hookimpl

@@ -47,8 +47,7 @@ class LayoutVocabulary:
         if len(labels) != len(boxes):
             raise ValueError(f"a layout has {len(boxes)} boxes but {len(labels)} labels")
         tokens = [self.start]
-        order = sorted(range(len(boxes)), key=lambda i: (float(boxes[i][0] + boxes[i][2]), float(boxes[i][1] + boxes[i][3])))
-        for i in order:
+        for i in self.order(boxes):
             x0, y0, x1, y1 = (float(v) for v in boxes[i])
             label = int(labels[i])
             if not 0 <= label < self.num_classes:
@@ -56,6 +55,30 @@ class LayoutVocabulary:
             tokens += [label, self.corner(x0, y0, False), self.corner(x1, y1, True)]
         tokens += [self.pad] * (self.length - len(tokens))
         return torch.tensor(tokens, dtype=torch.int64)
+
+    @staticmethod
+    def order(boxes: torch.Tensor) -> list[int]:
+        """The objects' order in the sequence: reading order, by box centre x, then y."""
+        return sorted(range(len(boxes)), key=lambda i: (float(boxes[i][0] + boxes[i][2]), float(boxes[i][1] + boxes[i][3])))
+
+    def regions(self, boxes: torch.Tensor) -> torch.Tensor:
+        """boxes (n, 4) normalized -> where each token of ``encode``'s sequence applies, (length,
+        bins, bins) in [0, 1]: an object's three tokens cover its box (the share of each grid cell
+        inside it), the start and pad tokens the whole image."""
+        maps = torch.ones(self.length, self.bins, self.bins)
+        edges = torch.arange(self.bins + 1, dtype=torch.float32) / self.bins  # cell borders, 0 .. 1
+
+        def cover(lo: float, hi: float) -> torch.Tensor:  # (bins,) share of each cell inside [lo, hi]
+            return ((torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))) * self.bins).clamp(0, 1)
+
+        for slot, i in enumerate(self.order(boxes)):
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            maps[1 + 3 * slot: 4 + 3 * slot] = cover(y0, y1)[:, None] * cover(x0, x1)[None, :]
+        return maps
+
+    def regions_batch(self, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-sample boxes (lists, or stacked tensors) -> token regions (B, length, bins, bins)."""
+        return torch.stack([self.regions(torch.as_tensor(b).reshape(-1, 4)) for b in boxes])
 
     def corner_features(self, frequencies: int) -> torch.Tensor:
         """(size, 4·frequencies) sinusoidal features of each corner token's cell centre (x, y) at
