@@ -64,7 +64,7 @@ def row(r: dict) -> str:
         guidance = "none"
     machine = "–".join(f"{g:.0f}" for g in r["machine_gflops"]) + " GFLOP/s" if r.get("machine_gflops") else "—"
     note = f" ({r['note']})" if r.get("note") else ""
-    return (f"| {r.get('date', '—')[:10]} | `{command}`{note} | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {machine} | "
+    return (f"| {r.get('date', '—')} | `{command}`{note} | {r['seed']} | {guidance} | {r['wall_seconds'] / 60:.1f} min | {machine} | "
             f"{r['first_stage_seconds']:.0f} s | "
             f"{r['denoiser_seconds']:.0f} s | {fs.get('psnr', float('nan')):.1f} dB / {100 * fs.get('readback', float('nan')):.1f} % | "
             f"**{100 * r['readable']:.1f} %** | {acc} | {others(r)} |")
@@ -99,7 +99,8 @@ def conditions_table(runs: list[dict]) -> str:
         shown = (metric, "readable", "first_stage")
         extra = ", ".join(f"{k} {value(r, k)}" for k in r.get("score_names", []) if k not in shown) or "—"
         bar_text = f"> {bar:g} dB" if metric.endswith("_db") else f">= {100 * bar:.0f} %"
-        lines.append(f"| {r.get('date', '—')[:10]} | `{names[0]}` | {what} ({bar_text}) | `{r['command']}` | {r['wall_seconds'] / 60:.1f} min | "
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {r.get('date', '—')} | `{names[0]}` | {what} ({bar_text}) | `{r['command']}`{note} | {r['wall_seconds'] / 60:.1f} min | "
                      f"**{value(r, metric)}** | {base} | {extra} |")
     return "\n".join(lines) + "\n"
 

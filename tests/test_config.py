@@ -64,6 +64,19 @@ def test_no_condition_keeps_the_cache_dir_in_its_options(name, tmp_path):
     check_same_model(OmegaConf.create(OmegaConf.to_yaml(a, resolve=True)), b, "RUN")
 
 
+@pytest.mark.parametrize("overrides, kind, steps", [
+    ([], "single", 450),
+    (["+condition=class"], "single", 450),
+    (["+condition=layout"], "multi", 600),  # multi-object scenes bring the first stage they need
+    (["+condition=[text,layout]"], "multi", 600),
+    (["+condition=layout", "autoencoder=kl_f4"], "multi", 450),  # the command line still wins
+    (["+condition=layout", "autoencoder.train.steps=300"], "multi", 300),
+])
+def test_multi_object_conditions_select_the_scenes_first_stage(overrides, kind, steps):
+    cfg = compose_config(overrides)
+    assert (cfg.data.kind, cfg.autoencoder.train.steps) == (kind, steps)
+
+
 def test_class_as_vector_derives_vector_dim():
     cfg = validate(compose_config(["+condition=class", "condition.class.injection=vector", "+experiment=tiny"]))
     system = build_system(cfg, build("data", cfg.data))

@@ -104,7 +104,7 @@ def test_layout_regions_follow_the_token_order():
     boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.25, 0.375]])  # the second comes first in reading order
     maps = vocab.regions(boxes)
     assert maps.shape == (vocab.length, 8, 8)
-    assert torch.equal(maps[0], torch.ones(8, 8)) and torch.equal(maps[7:], torch.ones(3, 8, 8))  # start, pads
+    assert torch.equal(maps[0], torch.ones(8, 8)) and torch.equal(maps[7:], torch.zeros(3, 8, 8))  # start, pads
     first, second = maps[1], maps[4]
     assert torch.equal(maps[1], maps[2]) and torch.equal(maps[1], maps[3])  # class and both corners of one object
     assert first[:3, :2].sum() == 6 and first.sum() == 6  # [0, 0.25] x [0, 0.375]: 2 x 3 cells

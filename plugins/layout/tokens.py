@@ -64,8 +64,10 @@ class LayoutVocabulary:
     def regions(self, boxes: torch.Tensor) -> torch.Tensor:
         """boxes (n, 4) normalized -> where each token of ``encode``'s sequence applies, (length,
         bins, bins) in [0, 1]: an object's three tokens cover its box (the share of each grid cell
-        inside it), the start and pad tokens the whole image."""
-        maps = torch.ones(self.length, self.bins, self.bins)
+        inside it), the start token the whole image, pad tokens nowhere (so that inside a box the
+        attention is shared by the object's three tokens and the start token only)."""
+        maps = torch.zeros(self.length, self.bins, self.bins)
+        maps[0] = 1.0
         edges = torch.arange(self.bins + 1, dtype=torch.float32) / self.bins  # cell borders, 0 .. 1
 
         def cover(lo: float, hi: float) -> torch.Tensor:  # (bins,) share of each cell inside [lo, hi]
