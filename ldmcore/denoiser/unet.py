@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn.attention import SpatialTransformer
+from ..nn.attention import RegionBiases, SpatialTransformer
 from ..nn.blocks import Downsample, ResBlock, Upsample, normalization, silu_, timestep_embedding, zero_module
 
 
@@ -32,7 +32,7 @@ class EmbedSequential(nn.Sequential):
     SpatialTransformers (CompVis ``TimestepEmbedSequential``)."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                regions: torch.Tensor | None = None) -> torch.Tensor:
+                regions: RegionBiases | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -191,13 +191,14 @@ class UNet(nn.Module):
             emb = emb + self.vector_embed(y)
 
         skips = []
+        regions = None if context_regions is None else RegionBiases(context_regions)  # one bias per resolution
         h = torch.cat([x, self.coordinates(x)], dim=1) if self.coordinate_frequencies else x
         for block in self.input_blocks:
-            h = block(h, emb, context, context_regions)
+            h = block(h, emb, context, regions)
             skips.append(h)
-        h = self.middle_block(h, emb, context, context_regions)
+        h = self.middle_block(h, emb, context, regions)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_regions)  # (B, C + C_skip, h', w')
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, regions)  # (B, C + C_skip, h', w')
         norm, _, conv = self.out
         return conv(silu_(norm(h)))
 

@@ -104,6 +104,20 @@ def region_bias(regions: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return bias.reshape(b, 1, length, height * width).transpose(2, 3)  # (B, 1, H·W, L)
 
 
+class RegionBiases:
+    """The cross-attention logit biases of one forward pass's token regions (B, L, R_h, R_w), made
+    once per feature-map size (``region_bias``) and shared by every transformer at that size."""
+
+    def __init__(self, regions: torch.Tensor):
+        self.regions = regions
+        self._by_size: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at(self, height: int, width: int) -> torch.Tensor:
+        if (height, width) not in self._by_size:
+            self._by_size[height, width] = region_bias(self.regions, height, width)
+        return self._by_size[height, width]
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     """What identifies a tensor's contents while it is alive: its memory, shape and strides, and its
     version counter (bumped by in-place changes; inference tensors have none and must not change)."""
@@ -229,12 +243,15 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner_dim, num_heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, regions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                regions: torch.Tensor | RegionBiases | None = None) -> torch.Tensor:
         """x: (B, C, H, W), either memory format; context: (B, L, context_dim) or None; regions:
-        None or the context's token regions (B, L, R_h, R_w) (module docstring).
-        Returns (B, C, H, W) in x's memory format."""
+        None or the context's token regions (B, L, R_h, R_w) (module docstring), or their
+        ``RegionBiases`` shared across a network's transformers. Returns (B, C, H, W) in x's memory format."""
         batch, height = x.shape[0], x.shape[2]
-        bias = None if regions is None else region_bias(regions, height, x.shape[3])  # (B, 1, H·W, L)
+        if regions is not None and not isinstance(regions, RegionBiases):
+            regions = RegionBiases(regions)
+        bias = None if regions is None else regions.at(height, x.shape[3])  # (B, 1, H·W, L)
         # proj_in / proj_out as matrices, whichever layer type holds them (1×1 conv or linear)
         w_in, w_out = self.proj_in.weight.flatten(1), self.proj_out.weight.flatten(1)  # (inner, C), (C, inner)
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, H·W, C), a view of either layout

@@ -87,10 +87,10 @@ class ImageTokens(nn.Module):
             self.model.requires_grad_(False)
         self.model.eval()  # batch statistics of one blank image would fail (or spoil) batch norms
         with torch.no_grad():
-            blank = torch.zeros(1, 3, resolution, resolution)
-            probe = self.forward(blank)
+            features = self.features(torch.zeros(1, 3, resolution, resolution))
+            probe = self.tokens(features)
             self.num_tokens, self.width = int(probe.shape[1]), int(probe.shape[2])
-            self.grid = self._grid(self.model.forward_features(blank))
+            self.grid = self._grid(features)
         self.train()
 
     def _grid(self, features: torch.Tensor) -> tuple[int, int] | None:
@@ -107,9 +107,16 @@ class ImageTokens(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The timm model's final features of images (B, 3, H, W) in [-1, 1]."""
         x = ((images + 1) / 2 - self.mean) / self.std  # [-1, 1] -> the model's normalization
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            features = self.model.forward_features(x)
+            return self.model.forward_features(x)
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Final features -> tokens (B, L, C)."""
         if features.dim() == 4:  # a feature map
             pattern = "b h w c -> b (h w) c" if self.layout == "NHWC" else "b c h w -> b (h w) c"
             return rearrange(features, pattern)  # (B, h·w, C)
