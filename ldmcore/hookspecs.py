@@ -128,3 +128,11 @@ def ldmcore_score(images, batch, options, data) -> dict:
     conditions in ``batch``: a dict of named floats (e.g. ``{"class_accuracy": 0.97}``). Use
     ``data.reader`` where the data source offers an exact reader of images. Scores are ratios in
     [0, 1] unless their name ends in ``_db`` (decibels, e.g. ``psnr_db``)."""
+
+
+@hookspec(firstresult=True)
+def ldmcore_sample_success(images, batch, options, data) -> list:
+    """Optional. Whether each generated image is faithful to its condition: one bool per sample
+    (the per-sample form of the plugin's headline score, e.g. "every box recalled"). Where two or
+    more scored conditions implement it, the evaluation reports ``joint_accuracy``: the share of
+    samples faithful to all of them at once (e.g. the caption AND every box of a layout)."""

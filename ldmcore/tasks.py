@@ -63,9 +63,18 @@ def score(system, images: torch.Tensor, batch: dict, score_with=()) -> dict:
     if reader is not None:
         objects = reader.read_batch(images)
         scores["readable"] = sum(reader.readable(o) for o in objects) / len(objects)
+    successes = {}
     for name, (condition, options) in scoring_conditions(system, score_with).items():
         if condition.implements("ldmcore_score"):
             scores.update(condition.call("ldmcore_score", images=images, batch=batch, options=options, data=system.data))
+        if reader is not None and condition.implements("ldmcore_sample_success"):
+            success = [bool(s) for s in condition.call("ldmcore_sample_success", images=images, batch=batch,
+                                                        options=options, data=system.data)]
+            if len(success) != len(images):
+                raise ValueError(f"plugin {name!r}: ldmcore_sample_success gave {len(success)} values for {len(images)} images")
+            successes[name] = success
+    if len(successes) >= 2:  # faithful to every scored condition at once, sample by sample
+        scores["joint_accuracy"] = sum(all(s) for s in zip(*successes.values())) / len(images)
     return scores
 
 

@@ -77,6 +77,19 @@ def test_multi_object_conditions_select_the_scenes_first_stage(overrides, kind, 
     assert (cfg.data.kind, cfg.autoencoder.train.steps) == (kind, steps)
 
 
+@pytest.mark.parametrize("overrides, attention", [
+    ([], [2]),
+    (["+condition=class"], [2]),
+    (["+condition=layout"], [1, 2]),  # tokens that name small places attend at 8x8 too
+    (["+condition=[text,layout]"], [1, 2]),
+    (["+condition=image_text"], [1, 2]),
+    (["+condition=layout", "denoiser=unet"], [2]),  # the command line still wins
+    (["+condition=layout", "denoiser.attention_resolutions=[2]"], [2]),
+])
+def test_token_conditions_select_fine_attention(overrides, attention):
+    assert list(compose_config(overrides).denoiser.attention_resolutions) == attention
+
+
 def test_class_as_vector_derives_vector_dim():
     cfg = validate(compose_config(["+condition=class", "condition.class.injection=vector", "+experiment=tiny"]))
     system = build_system(cfg, build("data", cfg.data))

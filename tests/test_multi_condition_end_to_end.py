@@ -24,6 +24,8 @@ def test_training_on_text_and_layout_scores_both(text_layout_run):
     root, metrics = text_layout_run
     assert metrics["conditions"] == ["text", "layout"]
     assert 0.0 <= metrics["caption_accuracy"] <= 1.0 and 0.0 <= metrics["box_recall"] <= 1.0
+    assert 0.0 <= metrics["joint_accuracy"] <= min(metrics["caption_accuracy"], metrics["box_recall"])
+    assert "joint_accuracy" in metrics["score_names"]
     assert len(list((root / "cache" / "tokenizers").glob("*.model"))) == 1
 
 

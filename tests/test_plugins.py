@@ -85,6 +85,8 @@ def test_contract(name, world):
         ratios = {k: v for k, v in scores.items() if not k.endswith("_db")}  # decibels (PSNR) are not ratios
         assert ratios and all(0.0 <= v <= 1.0 for v in ratios.values())
         assert max(ratios.values()) == 1.0
+    if condition.implements("ldmcore_sample_success"):  # every ground-truth image follows its own condition
+        assert condition.call("ldmcore_sample_success", images=batch["image"], batch=batch, options=options, data=info) == [True] * 6
 
 
 @pytest.mark.parametrize("name", CONDITIONS)

@@ -97,14 +97,25 @@ def ldmcore_grid_conditions(rows, columns, data):
     return {"class_label": labels}, list(names)
 
 
+def classes_correct(images, batch, data) -> list[bool]:
+    """Per sample: exactly one valid read-back object, of the class."""
+    objects = data.reader.read_batch(images)
+    labels = torch.as_tensor(batch["class_label"]).tolist()
+    return [data.reader.class_correct(objs, label) for objs, label in zip(objects, labels)]
+
+
+@hookimpl
+def ldmcore_sample_success(images, batch, data):
+    return classes_correct(images, batch, data)
+
+
 @hookimpl
 def ldmcore_score(images, batch, data):
     """Class accuracy read back by the data's exact reader: exactly one valid object, of the class."""
     if data.reader is None:
         return {}
-    objects = data.reader.read_batch(images)
+    correct = classes_correct(images, batch, data)
     labels = torch.as_tensor(batch["class_label"]).tolist()
-    correct = [data.reader.class_correct(objs, label) for objs, label in zip(objects, labels)]
     scores = {"class_accuracy": sum(correct) / max(len(correct), 1)}
     # Per-group accuracy (e.g. per shape), where class names are "<attribute> <group>".
     groups: dict[str, list[bool]] = {}

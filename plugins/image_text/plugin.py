@@ -254,19 +254,30 @@ def colors_followed(generated, colors: list[str] | None, reader) -> bool:
     return colors is not None and reader.readable(generated) and [o.color for o in generated] == colors
 
 
-@hookimpl
-def ldmcore_score(images, batch, data):
-    """Recolor accuracy read back by the data's exact reader: per sample, every object has the
-    reference image's shape and position (``shape_from_image``) AND, left to right, the caption's
-    colors (``color_from_text``); ``recolor_accuracy`` is the share of samples with both."""
+def recolor_parts(images, batch, data) -> tuple[list[bool], list[bool]]:
+    """Per sample: (shape and position kept from the reference image, colours followed from the caption)."""
     reader = data.reader
-    if reader is None:
-        return {}
     generated, references = reader.read_batch(images), reader.read_batch(batch[IMAGE_KEY])
     shape, color = [], []
     for objects, reference, caption in zip(generated, references, batch[TEXT_KEY]):
         shape.append(layout_kept(objects, reference, reader))
         color.append(colors_followed(objects, caption_colors(caption, data.class_names), reader))
+    return shape, color
+
+
+@hookimpl
+def ldmcore_sample_success(images, batch, data):
+    return [s and c for s, c in zip(*recolor_parts(images, batch, data))]
+
+
+@hookimpl
+def ldmcore_score(images, batch, data):
+    """Recolor accuracy read back by the data's exact reader: per sample, every object has the
+    reference image's shape and position (``shape_from_image``) AND, left to right, the caption's
+    colors (``color_from_text``); ``recolor_accuracy`` is the share of samples with both."""
+    if data.reader is None:
+        return {}
+    shape, color = recolor_parts(images, batch, data)
     n = max(len(shape), 1)
     return {
         "recolor_accuracy": sum(s and c for s, c in zip(shape, color)) / n,

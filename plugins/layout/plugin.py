@@ -107,13 +107,24 @@ def ldmcore_format_value(batch, index, data):
     return format_layout(batch["boxes"][index], batch["box_labels"][index], _class_names(data))
 
 
+def box_recalls(images, batch, data) -> list[float]:
+    """Per sample: the share of its boxes matched by a read-back object of the same label with IoU >= 0.5."""
+    objects = data.reader.read_batch(images)
+    return [data.reader.box_recall(objs, boxes, labels, data.resolution)
+            for objs, boxes, labels in zip(objects, batch["boxes"], batch["box_labels"])]
+
+
+@hookimpl
+def ldmcore_sample_success(images, batch, data):
+    """A layout is followed when every one of its boxes is recalled."""
+    return [recall == 1.0 for recall in box_recalls(images, batch, data)]
+
+
 @hookimpl
 def ldmcore_score(images, batch, data):
     """Box recall: the share of target boxes matched by a read-back object of the same label
     with IoU >= 0.5, averaged over samples."""
     if data.reader is None:
         return {}
-    objects = data.reader.read_batch(images)
-    recalls = [data.reader.box_recall(objs, boxes, labels, data.resolution)
-               for objs, boxes, labels in zip(objects, batch["boxes"], batch["box_labels"])]
+    recalls = box_recalls(images, batch, data)
     return {"box_recall": sum(recalls) / max(len(recalls), 1)}

@@ -73,14 +73,24 @@ def ldmcore_format_value(batch, index):
     return str(batch[KEY][index])
 
 
+def captions_correct(images, batch, data) -> list[bool]:
+    """Per sample: every read-back object valid, and left to right they spell the caption."""
+    objects = data.reader.read_batch(images)
+    return [data.reader.caption_correct(objs, caption) for objs, caption in zip(objects, batch[KEY])]
+
+
+@hookimpl
+def ldmcore_sample_success(images, batch, data):
+    return captions_correct(images, batch, data)
+
+
 @hookimpl
 def ldmcore_score(images, batch, data):
     """Caption accuracy read back by the data's exact reader: every object valid, and left to
     right they spell the caption."""
     if data.reader is None:
         return {}
-    objects = data.reader.read_batch(images)
-    correct = [data.reader.caption_correct(objs, caption) for objs, caption in zip(objects, batch[KEY])]
+    correct = captions_correct(images, batch, data)
     scores = {"caption_accuracy": sum(correct) / max(len(correct), 1)}
     # By the number of objects named ("a, b and c": one more than the separators), and on captions
     # of 1-2 objects, where issue 3's bar is set.
