@@ -25,13 +25,22 @@ NOTHING = object()  # an option a config does not have
 def with_defaults(cfg: DictConfig) -> DictConfig:
     """The model sections of a (checkpoint's) config as this version reads them: each option they lack —
     one added since the config was written — at its default, from the schemas (``ldmcore/config.py``)
-    and from each condition's own config file; options the schemas no longer define dropped. Options
-    they have keep their (resolved) values."""
+    and from each condition's own config file (or its ``legacy_defaults``: what a model without the
+    option was); options the schemas no longer define dropped. Options they have keep their (resolved) values."""
     model = {s: OmegaConf.to_container(cfg[s], resolve=True) if isinstance(cfg[s], DictConfig) else cfg[s]
              for s in MODEL_SECTIONS if s in cfg}
     registry = installed()
-    defaults = {name: registry.get(name).default_options() for name in model.get("condition") or {}
-                if name in registry.conditions}  # a plugin not installed is named when the system is built
+    defaults = {}
+    for name, saved in (model.get("condition") or {}).items():
+        if name not in registry.conditions:  # a plugin not installed is named when the system is built
+            continue
+        options = registry.get(name).default_options()
+        # An option added to a plugin after the checkpoint was written takes the value that model was
+        # trained with, where the plugin names one (``legacy_defaults``), else its default.
+        for key, value in (options.get("legacy_defaults") or {}).items():
+            if key not in (saved or {}):
+                options[key] = value
+        defaults[name] = options
     filled = with_schema_defaults(OmegaConf.merge({"condition": defaults}, known_options(model)))
     return OmegaConf.create({s: filled[s] for s in MODEL_SECTIONS})
 

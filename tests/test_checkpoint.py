@@ -99,6 +99,21 @@ def test_a_checkpoint_written_before_newer_options_is_the_same_model():
     assert "condition.layout.corner_frequencies: checkpoint 4, config 0" in str(error.value)
 
 
+def test_a_checkpoint_from_before_a_plugin_option_gets_the_value_it_was_trained_with():
+    """layout's `regions` and `class_embedding` default to true, but a checkpoint written before they
+    existed was trained without them: the plugin's legacy_defaults say so, and it is rebuilt as trained."""
+    current = validate(compose_config(["+condition=layout"]))
+    assert current.condition.layout.regions and current.condition.layout.class_embedding
+    saved = saved_config("+condition=layout")
+    del saved.condition.layout["regions"], saved.condition.layout["class_embedding"], saved.condition.layout["legacy_defaults"]
+    rebuilt = checkpoint_run_config(current, saved)
+    assert rebuilt.condition.layout.regions is False and rebuilt.condition.layout.class_embedding is False
+    with pytest.raises(CheckpointError, match="condition.layout.regions: checkpoint False, config True"):
+        check_same_model(saved, current, "RUN")  # resuming it with regions would train another model
+    kept = saved_config("+condition=layout")  # a checkpoint that has the options keeps its values
+    assert checkpoint_run_config(current, kept).condition.layout.regions is True
+
+
 def test_a_checkpoint_from_before_coordinate_channels_resumes_where_none_are_derived():
     saved = saved_config("+condition=class")
     del saved.denoiser["coordinate_frequencies"]  # written before the option existed: built with none

@@ -78,6 +78,26 @@ def test_corner_features_change_the_encoding(layout, world, info):
     assert not torch.allclose(plain(batch)["crossattn"], fourier(batch)["crossattn"])
 
 
+def test_class_embedding_names_the_class_in_every_token_of_its_object(layout, info):
+    box = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.6, 0.5, 0.9, 0.8]])
+    batch = {"boxes": [box, box], "box_labels": [torch.tensor([2, 5]), torch.tensor([7, 5])]}  # first object's label differs
+    torch.manual_seed(0)
+    encoder = layout.call("ldmcore_build_encoder", options=options(class_embedding=True), data=info)
+    assert encoder.class_embedding is not None and "class_embedding.weight" in encoder.state_dict()
+    tokens = encoder.vocabulary.encode_batch(batch["boxes"], batch["box_labels"])
+    added = encoder.object_classes(tokens)  # (2, 10, D)
+    table = encoder.class_embedding.weight
+    for slot in (1, 2, 3):  # the first object's class, top-left and bottom-right tokens
+        assert torch.equal(added[0, slot], table[2]) and torch.equal(added[1, slot], table[7])
+    for slot in (4, 5, 6):  # the second object's, the same label in both
+        assert torch.equal(added[0, slot], table[5])
+    assert not added[:, 0].any() and not added[:, 7:].any()  # start and padding get none
+    out = encoder(batch)["crossattn"]
+    assert not torch.allclose(out[0, 2], out[1, 2])  # a corner token now differs with its object's label
+    plain = layout.call("ldmcore_build_encoder", options=options(class_embedding=False), data=info)
+    assert plain.class_embedding is None and plain(batch)["crossattn"].shape == out.shape
+
+
 def test_tokens_follow_reading_order_whatever_the_given_order():
     vocab = LayoutVocabulary(num_classes=18, bins=16, max_objects=3)
     boxes = torch.tensor([[0.6, 0.1, 0.9, 0.4], [0.1, 0.5, 0.4, 0.8]])

@@ -30,7 +30,7 @@ class LayoutEncoder(ConditionEncoder):
     needs_positions = True  # tokens name places: the denoiser gets coordinate channels to match them
 
     def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty",
-                 corner_frequencies: int = 0, regions: bool = False):
+                 corner_frequencies: int = 0, regions: bool = False, class_embedding: bool = False):
         super().__init__()
         # Each object's tokens apply inside its box: the denoiser's cross-attention gets that prior
         # (ldmcore.nn.attention, "Token regions"); without it the model must learn the binding alone.
@@ -44,12 +44,25 @@ class LayoutEncoder(ConditionEncoder):
         # Fixed Fourier features of each corner's position, projected and added to its learned embedding.
         self.register_buffer("corner_table", vocabulary.corner_features(corner_frequencies), persistent=False)
         self.corner_projection = nn.Linear(4 * corner_frequencies, embed_dim) if corner_frequencies else None
+        # A learned embedding of each object's class added to its three output tokens: inside a box the
+        # denoiser's cross-attention reads the object's tokens, and every one of them then names the class.
+        self.class_embedding = nn.Embedding(vocabulary.num_classes, embed_dim) if class_embedding else None
         self.outputs = {"crossattn": (vocabulary.length, embed_dim)}
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.transformer.position_embedding.device)
         extra = self.corner_projection(self.corner_table[tokens]) if self.corner_projection is not None else None
-        return self.transformer(tokens, tokens != self.vocabulary.pad, extra)  # (B, L, D)
+        out = self.transformer(tokens, tokens != self.vocabulary.pad, extra)  # (B, L, D)
+        if self.class_embedding is not None:
+            out = out + self.object_classes(tokens)
+        return out
+
+    def object_classes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): each object's class embedding at its three slots, zeros at start and padding."""
+        labels = tokens[:, 1::3]  # (B, max_objects): the class token of each object slot, or pad
+        present = (labels < self.vocabulary.num_classes).unsqueeze(-1)
+        per_object = self.class_embedding(labels.clamp(max=self.vocabulary.num_classes - 1)) * present  # (B, M, D)
+        return torch.cat([torch.zeros_like(per_object[:, :1]), per_object.repeat_interleave(3, dim=1)], dim=1)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         out = {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], batch["box_labels"]))}
@@ -93,7 +106,8 @@ def ldmcore_batch_keys():
 def ldmcore_build_encoder(options, data):
     vocabulary = LayoutVocabulary(len(_class_names(data)), int(options.bins), int(options.max_objects))
     return LayoutEncoder(vocabulary, int(options.embed_dim), int(options.depth), int(options.num_heads), str(options.null_condition),
-                         int(options.get("corner_frequencies", 0)), bool(options.get("regions", False)))
+                         int(options.get("corner_frequencies", 0)), bool(options.get("regions", False)),
+                         bool(options.get("class_embedding", False)))
 
 
 @hookimpl
