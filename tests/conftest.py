@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +55,14 @@ def compose_config(overrides: list[str] | None = None):
 def tiny(tmp_path):
     """Overrides of a tiny run that keeps everything (cache included) inside tmp_path."""
     return ["+experiment=tiny", f"cache_dir={tmp_path / 'cache'}"]
+
+
+def load_bench(name: str):
+    """A bench script as a module (bench/ is not a package)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ the doc-block rewrite, the line plot, the per-f denoiser rule and the sampler go
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,20 +16,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import load_bench
 from ldmcore.visualize import line_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
-
-def load_bench(name: str):
-    """A bench script as a module (bench/ is not a package)."""
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_quick(name: str, out: Path) -> dict:

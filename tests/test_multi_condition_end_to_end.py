@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, load_bench
 from ldmcore.tasks import sample, train
 
 
@@ -27,6 +27,14 @@ def test_training_on_text_and_layout_scores_both(text_layout_run):
     assert 0.0 <= metrics["joint_accuracy"] <= min(metrics["caption_accuracy"], metrics["box_recall"])
     assert "joint_accuracy" in metrics["score_names"]
     assert len(list((root / "cache" / "tokenizers").glob("*.model"))) == 1
+
+
+def test_failure_breakdown_sorts_every_box_and_caption_of_the_grid(text_layout_run):
+    root, metrics = text_layout_run
+    result = load_bench("failure_breakdown").main([str(root / "run")])
+    assert sum(result["text (per caption)"].values()) == metrics["samples"]
+    assert sum(result["layout (per target box)"].values()) >= metrics["samples"]  # every layout has 1-3 boxes
+    assert (root / "run" / "samples.failures.json").is_file()
 
 
 @pytest.mark.parametrize("guidance", ["independent", "nested"])

@@ -202,7 +202,7 @@ def caption_correct(objects: Sequence[ReadObject], caption: str) -> bool:
     return readable(objects) and join_caption([o.name for o in objects]) == caption
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     intersection = iw * ih
@@ -219,7 +219,7 @@ def box_recall(objects: Sequence[ReadObject], boxes, labels, resolution: int,
     if not targets:
         return 1.0
     pairs = sorted(
-        ((_box_iou(o.box, t), k, t_index)
+        ((box_iou(o.box, t), k, t_index)
          for k, o in enumerate(objects) if o.valid
          for t_index, (t, lab) in enumerate(zip(targets, target_labels)) if o.label == lab),
         reverse=True,
