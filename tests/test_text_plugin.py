@@ -124,6 +124,20 @@ def test_learned_encoder_tokens_null_and_gradients(text, world, info):
     assert zeros.shape == (2, 24, 32) and not zeros.any()
 
 
+def test_token_embedding_adds_each_pieces_own_embedding_to_its_output(text, world, info):
+    captions = {"caption": ["a red circle", "a blue circle"]}
+    torch.manual_seed(0)
+    plain = build(text, info, token_embedding=False)
+    torch.manual_seed(0)
+    named = build(text, info, token_embedding=True)
+    assert plain.token_embedding is None and "token_embedding.weight" in named.state_dict()
+    tokens, _ = named.tokenizer.encode(captions["caption"], named.max_length)
+    torch.testing.assert_close(named(captions)["crossattn"] - plain(captions)["crossattn"], named.token_embedding(tokens))
+    out = named(captions)["crossattn"]
+    differs = (tokens[0] != tokens[1]).nonzero().flatten().tolist()  # the colour's piece(s)
+    assert differs and all(not torch.allclose(out[0, i], out[1, i], atol=0.5) for i in differs)
+
+
 def test_weights_of_another_tokenizer_are_refused(text, world, info):
     encoder = build(text, info)
     other = build(text, data_info(ShapesWorld(resolution=32, kind="single", size=40, seed=1)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ldmcore.conditioning import ConditionEncoder
 from ldmcore.nn.sequence import SequenceTransformer
@@ -50,10 +51,16 @@ class LearnedStringEncoder(_StringEncoder):
 
     The tokenizer is not a tensor, so the model keeps its SHA-256 as a buffer: loading weights
     trained with another tokenizer fails instead of silently reading other token ids.
+
+    ``token_embedding``: a second learned embedding of each token (std 1) added to its output, so that
+    every output token names its piece however much the layers mixed it with the others (the
+    transformer's own embeddings start at std 0.02, and at initialization its outputs hardly depend
+    on the token: docs/conditions.md, "Layout meets its bar").
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_length: int, embed_dim: int, depth: int,
-                 num_heads: int, null: str = "empty", key: str = "text", option: str = "condition"):
+                 num_heads: int, null: str = "empty", key: str = "text", option: str = "condition",
+                 token_embedding: bool = False):
         super().__init__(null, key, option)
         if max_length < 3:
             raise ValueError(f"{option}.max_length must leave room for a piece between begin and end tokens, got {max_length}")
@@ -61,6 +68,7 @@ class LearnedStringEncoder(_StringEncoder):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than {option}.vocab_size={vocab_size}")
         self.tokenizer, self.max_length = tokenizer, max_length
         self.transformer = SequenceTransformer(vocab_size, max_length, embed_dim, depth, num_heads)
+        self.token_embedding = nn.Embedding(vocab_size, embed_dim) if token_embedding else None
         self.register_buffer("tokenizer_digest", torch.tensor(list(tokenizer.digest), dtype=torch.uint8))
         self.register_load_state_dict_post_hook(_check_tokenizer)
         self.outputs = {"crossattn": (max_length, embed_dim)}
@@ -68,7 +76,9 @@ class LearnedStringEncoder(_StringEncoder):
     def encode(self, strings: Sequence[str]) -> torch.Tensor:
         tokens, keep = self.tokenizer.encode(strings, self.max_length)  # 2 × (B, L)
         device = self.tokenizer_digest.device
-        return self.transformer(tokens.to(device), keep.to(device))  # (B, L, D)
+        tokens = tokens.to(device)
+        out = self.transformer(tokens, keep.to(device))  # (B, L, D)
+        return out if self.token_embedding is None else out + self.token_embedding(tokens)
 
 
 def _check_tokenizer(module: LearnedStringEncoder, incompatible_keys) -> None:
