@@ -35,14 +35,21 @@ def with_defaults(cfg: DictConfig) -> DictConfig:
         if name not in registry.conditions:  # a plugin not installed is named when the system is built
             continue
         options = registry.get(name).default_options()
-        # An option added to a plugin after the checkpoint was written takes the value that model was
-        # trained with, where the plugin names one (``legacy_defaults``), else its default.
-        for key, value in (options.get("legacy_defaults") or {}).items():
-            if key not in (saved or {}):
-                options[key] = value
+        _apply_legacy_defaults(options, saved, options.get("legacy_defaults") or {})
         defaults[name] = options
     filled = with_schema_defaults(OmegaConf.merge({"condition": defaults}, known_options(model)))
     return OmegaConf.create({s: filled[s] for s in MODEL_SECTIONS})
+
+
+def _apply_legacy_defaults(options: DictConfig, saved, legacy) -> None:
+    """An option added to a plugin after a checkpoint was written takes the value that model was trained
+    with, where the plugin names one (``legacy_defaults``, nested like the options), else its default."""
+    saved = saved if isinstance(saved, dict) else {}
+    for key, value in legacy.items():
+        if isinstance(value, DictConfig) and isinstance(options.get(key), DictConfig):
+            _apply_legacy_defaults(options[key], saved.get(key), value)
+        elif key not in saved:
+            options[key] = value
 
 
 def _constructor_default(target, key: str):

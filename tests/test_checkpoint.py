@@ -114,6 +114,16 @@ def test_a_checkpoint_from_before_a_plugin_option_gets_the_value_it_was_trained_
     assert checkpoint_run_config(current, kept).condition.layout.regions is True
 
 
+def test_legacy_defaults_reach_nested_options():
+    current = validate(compose_config(["+condition=image_text"]))
+    assert current.condition.image_text.text.token_embedding is True
+    saved = saved_config("+condition=image_text")
+    del saved.condition.image_text.text["token_embedding"]  # image_text's caption encoder before the option
+    rebuilt = checkpoint_run_config(current, saved)
+    assert rebuilt.condition.image_text.text.token_embedding is False
+    assert rebuilt.condition.image_text.regions is True  # present in the checkpoint: kept
+
+
 def test_a_checkpoint_from_before_coordinate_channels_resumes_where_none_are_derived():
     saved = saved_config("+condition=class")
     del saved.denoiser["coordinate_frequencies"]  # written before the option existed: built with none

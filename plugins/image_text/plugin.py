@@ -155,7 +155,8 @@ def build_text_encoder(options, null: str, data, cache_dir: Path | None) -> Cond
     if tokenizer.vocab_size > int(options.vocab_size):
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than {where}.vocab_size={options.vocab_size}")
     return LearnedStringEncoder(tokenizer, int(options.vocab_size), max_length, int(options.embed_dim), int(options.depth),
-                                int(options.num_heads), null, key=TEXT_KEY, option=where)
+                                int(options.num_heads), null, key=TEXT_KEY, option=where,
+                                token_embedding=bool(options.get("token_embedding", False)))
 
 
 def build_image_tokens(options, resolution: int) -> ImageTokens:
