@@ -135,4 +135,5 @@ def ldmcore_sample_success(images, batch, options, data) -> list:
     """Optional. Whether each generated image is faithful to its condition: one bool per sample
     (the per-sample form of the plugin's headline score, e.g. "every box recalled"). Where two or
     more scored conditions implement it, the evaluation reports ``joint_accuracy``: the share of
-    samples faithful to all of them at once (e.g. the caption AND every box of a layout)."""
+    samples faithful to all of them at once (e.g. the caption AND every box of a layout). Return
+    None where the plugin cannot judge (e.g. ``data.reader`` is None)."""

@@ -67,9 +67,10 @@ def score(system, images: torch.Tensor, batch: dict, score_with=()) -> dict:
     for name, (condition, options) in scoring_conditions(system, score_with).items():
         if condition.implements("ldmcore_score"):
             scores.update(condition.call("ldmcore_score", images=images, batch=batch, options=options, data=system.data))
-        if reader is not None and condition.implements("ldmcore_sample_success"):
-            success = [bool(s) for s in condition.call("ldmcore_sample_success", images=images, batch=batch,
-                                                        options=options, data=system.data)]
+        verdicts = (condition.call("ldmcore_sample_success", images=images, batch=batch, options=options, data=system.data)
+                    if condition.implements("ldmcore_sample_success") else None)
+        if verdicts is not None:  # None: the plugin cannot judge these images (e.g. no exact reader)
+            success = [bool(s) for s in verdicts]
             if len(success) != len(images):
                 raise ValueError(f"plugin {name!r}: ldmcore_sample_success gave {len(success)} values for {len(images)} images")
             successes[name] = success

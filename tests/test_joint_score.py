@@ -3,6 +3,7 @@ plugin's per-sample ``ldmcore_sample_success``."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -56,3 +57,12 @@ def test_a_plugin_giving_the_wrong_number_of_successes_is_named(world):
     batch = world.batch(list(range(4)))
     with pytest.raises(ValueError, match="'layout'.*1 values for 4 images"):
         score(system, batch["image"], batch)
+
+
+def test_plugins_that_cannot_judge_are_left_out(world):
+    system = system_of(world, ["text", "layout"])
+    batch = world.batch(list(range(4)))
+    unreadable = dataclasses.replace(system.data, reader=None)
+    assert system.conditions["text"].call("ldmcore_sample_success", images=batch["image"], batch=batch, data=unreadable) is None
+    system.data = unreadable
+    assert score(system, batch["image"], batch) == {}  # no reader: no scores, and no joint accuracy

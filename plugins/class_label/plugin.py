@@ -106,7 +106,7 @@ def classes_correct(images, batch, data) -> list[bool]:
 
 @hookimpl
 def ldmcore_sample_success(images, batch, data):
-    return classes_correct(images, batch, data)
+    return None if data.reader is None else classes_correct(images, batch, data)
 
 
 @hookimpl

@@ -268,7 +268,7 @@ def recolor_parts(images, batch, data) -> tuple[list[bool], list[bool]]:
 
 @hookimpl
 def ldmcore_sample_success(images, batch, data):
-    return [s and c for s, c in zip(*recolor_parts(images, batch, data))]
+    return None if data.reader is None else [s and c for s, c in zip(*recolor_parts(images, batch, data))]
 
 
 @hookimpl

@@ -81,7 +81,7 @@ def captions_correct(images, batch, data) -> list[bool]:
 
 @hookimpl
 def ldmcore_sample_success(images, batch, data):
-    return captions_correct(images, batch, data)
+    return None if data.reader is None else captions_correct(images, batch, data)
 
 
 @hookimpl
