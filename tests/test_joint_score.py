@@ -63,6 +63,7 @@ def test_plugins_that_cannot_judge_are_left_out(world):
     system = system_of(world, ["text", "layout"])
     batch = world.batch(list(range(4)))
     unreadable = dataclasses.replace(system.data, reader=None)
-    assert system.conditions["text"].call("ldmcore_sample_success", images=batch["image"], batch=batch, data=unreadable) is None
+    assert system.conditions["text"].call("ldmcore_sample_success", images=batch["image"], batch=batch, options=None,
+                                          data=unreadable) is None
     system.data = unreadable
     assert score(system, batch["image"], batch) == {}  # no reader: no scores, and no joint accuracy
