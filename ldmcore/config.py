@@ -76,6 +76,7 @@ class SamplerConfig:
     spacing: str = choice("leading", "trailing", "linspace", default="leading")
     guidance_scale: float = 3.0  # every condition's scale unless guidance_scales names it; 1 = none
     autoguidance_scale: float = 6.0  # no condition present: guidance by the earlier EMA snapshot; 1 = none
+    conditional_autoguidance_scale: float = 1.0  # conditions present: also guided by the snapshot; 1 = none
     guidance_scales: Dict[str, float] = field(default_factory=dict)  # per-condition scales, {name: scale}
     guidance: str = choice("independent", "nested", default="independent")  # how several conditions combine
     guidance_order: List[str] = field(default_factory=list)  # nested: conditions in the order they are added

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ldmcore.conditioning import apply_denoiser_net
 from ldmcore.config import ConfigError
 from ldmcore.diffusion import condition_only, get_sampler
-from ldmcore.diffusion.autoguidance import autoguidance
+from ldmcore.diffusion.autoguidance import add_autoguidance, autoguidance
 from ldmcore.diffusion.guidance import GUIDANCE_MODES, guidance_terms, multi_condition_guidance
 
 
@@ -56,7 +56,10 @@ def guided_model(denoiser, conditioner, part: Mapping, n: int, latent_size: tupl
     earlier EMA snapshot) with ``sampler.autoguidance_scale`` when there is one — classifier-free
     guidance needs a condition to drop, autoguidance does not. Every scale 1: plain conditional sampling
     with all present conditions (no guidance). Otherwise one scale per condition (see
-    ``multi_condition_guidance``); with a single condition that is classifier-free guidance.
+    ``multi_condition_guidance``); with a single condition that is classifier-free guidance. With
+    conditions present and ``sampler.conditional_autoguidance_scale`` w ≠ 1, the weak model guides
+    too, under the same conditions: + (w − 1)·(D(c) − D_weak(c)) (``add_autoguidance``; one more
+    forward of the weak model per step, and one of the strong model unless every scale is 1).
     """
     names, scales = guidance_plan(sampler_cfg, conditioner.names, present)
     if not names:
@@ -65,12 +68,20 @@ def guided_model(denoiser, conditioner, part: Mapping, n: int, latent_size: tupl
         if weak_denoiser is None:
             return strong
         return autoguidance(strong, condition_only(weak_denoiser, null), sampler_cfg.autoguidance_scale)
-    if all(s == 1.0 for s in scales.values()):
-        return condition_only(denoiser, conditioner(part, n, latent_size, present=names))
-    mode = sampler_cfg.get("guidance", "independent")
-    conds = {name: conditioner(part, n, latent_size, present=subset) for name, subset in guidance_terms(names, mode)}
-    return multi_condition_guidance(denoiser, conds, conditioner.null(n, latent_size), scales, mode,
-                                    max_batch=sampler_cfg.get("max_batch"))
+    autoguided = weak_denoiser is not None and float(sampler_cfg.get("conditional_autoguidance_scale", 1.0)) != 1.0
+    unguided = all(s == 1.0 for s in scales.values())
+    full = conditioner(part, n, latent_size, present=names) if unguided or autoguided else None
+    if unguided:
+        guided = strong = condition_only(denoiser, full)
+    else:
+        mode = sampler_cfg.get("guidance", "independent")
+        conds = {name: conditioner(part, n, latent_size, present=subset) for name, subset in guidance_terms(names, mode)}
+        guided = multi_condition_guidance(denoiser, conds, conditioner.null(n, latent_size), scales, mode,
+                                          max_batch=sampler_cfg.get("max_batch"))
+        strong = condition_only(denoiser, full) if autoguided else None
+    if not autoguided:
+        return guided
+    return add_autoguidance(guided, strong, condition_only(weak_denoiser, full), float(sampler_cfg.conditional_autoguidance_scale))
 
 
 @torch.no_grad()

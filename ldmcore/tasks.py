@@ -121,6 +121,8 @@ def evaluate(system, model, dataset, cfg: DictConfig, run_dir: Path, grid_name: 
                   guidance_scale=cfg.sampler.guidance_scale,
                   guidance_scales=guidance_plan(cfg.sampler, list(system.conditions), present)[1],  # per present condition
                   autoguidance_scale=cfg.sampler.autoguidance_scale if system.guide is not None else None,
+                  conditional_autoguidance_scale=(cfg.sampler.get("conditional_autoguidance_scale", 1.0)
+                                                  if system.guide is not None and present else None),
                   eval_seconds=time.perf_counter() - start)
     return scores
 

@@ -161,9 +161,36 @@ def test_encoder_tokens_null_and_limits(layout, world, info):
 
 def test_box_recall_of_true_and_of_moved_boxes(layout, world, info):
     batch = world.batch(list(range(8)))
-    assert layout.call("ldmcore_score", images=batch["image"], batch=batch, options=options(), data=info) == {"box_recall": 1.0}
+    score = layout.call("ldmcore_score", images=batch["image"], batch=batch, options=options(), data=info)
+    assert score == {"box_recall": 1.0, "box_placement": 1.0}
     moved = {**batch, "boxes": [(b + 0.5) % 1.0 for b in batch["boxes"]]}
     assert layout.call("ldmcore_score", images=batch["image"], batch=moved, options=options(), data=info)["box_recall"] < 0.5
+    # other labels, same boxes: not recalled, but placed
+    relabelled = {**batch, "box_labels": [(l + 1) % len(info.class_names) for l in batch["box_labels"]]}
+    score = layout.call("ldmcore_score", images=batch["image"], batch=relabelled, options=options(), data=info)
+    assert score == {"box_recall": 0.0, "box_placement": 1.0}
+
+
+def test_unlabelled_layouts_say_where_not_what(layout, info):
+    box = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.6, 0.5, 0.9, 0.8]])
+    batch = {"boxes": [box, box], "box_labels": [torch.tensor([2, 5]), torch.tensor([7, 1])]}
+    encoder = layout.call("ldmcore_build_encoder", options=options(labels=False), data=info)
+    assert encoder.vocabulary.num_classes == 1 and encoder.class_embedding.num_embeddings == 1
+    out = encoder(batch)["crossattn"]
+    torch.testing.assert_close(out[0], out[1])  # the labels are not read
+    labelled = layout.call("ldmcore_build_encoder", options=options(labels=True), data=info)
+    assert labelled.vocabulary.num_classes == len(info.class_names)
+    # a conditions file may leave out the label (or give one, kept for scoring) ...
+    parsed = parse(layout, info, [{"box": [0.1, 0.1, 0.4, 0.4]}, {"label": "blue square", "box": [0.5, 0.5, 0.9, 0.9]}],
+                   labels=False)
+    assert parsed["box_labels"].tolist() == [-1, 8]
+    formatted = layout.call("ldmcore_format_value", batch={k: [v] for k, v in parsed.items()}, index=0,
+                            options=options(labels=False), data=info)
+    assert formatted == [{"box": [0.1, 0.1, 0.4, 0.4]}, {"label": "blue square", "box": [0.5, 0.5, 0.9, 0.9]}]
+    assert torch.isfinite(encoder({k: [v] for k, v in parsed.items()})["crossattn"]).all()
+    # ... which a labelled model still requires, naming the field
+    with pytest.raises(ValueError, match="layout object 1 must have exactly the fields label and box"):
+        parse(layout, info, [{"box": [0.1, 0.1, 0.4, 0.4]}])
 
 
 def test_layout_selects_multi_object_scenes():

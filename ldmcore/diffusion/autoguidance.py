@@ -27,3 +27,22 @@ def autoguidance(strong: Model, weak: Model, scale: float) -> Model:
         return weak_out + scale * (strong(x, sigma) - weak_out)
 
     return guided
+
+
+def add_autoguidance(guided: Model, strong: Model, weak: Model, scale: float) -> Model:
+    """``guided`` plus the autoguidance direction: guided + (scale − 1)·(strong − weak).
+
+    With conditions present, ``strong`` and ``weak`` are both evaluated under all of them, so the
+    term pulls toward what the trained model does better than its earlier snapshot (legible
+    objects, and the condition followed) on top of whatever classifier-free guidance ``guided``
+    applies; when ``guided`` is ``strong`` itself this is ``autoguidance(strong, weak, scale)``
+    (Karras et al. 2024 guide conditional models this way, without CFG)."""
+    if scale == 1.0:
+        return guided
+    if guided is strong:
+        return autoguidance(strong, weak, scale)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return guided(x, sigma) + (scale - 1.0) * (strong(x, sigma) - weak(x, sigma))
+
+    return model

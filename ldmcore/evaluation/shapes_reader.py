@@ -211,9 +211,10 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def box_recall(objects: Sequence[ReadObject], boxes, labels, resolution: int,
-               iou_threshold: float = 0.5) -> float:
+               iou_threshold: float = 0.5, match_labels: bool = True) -> float:
     """Share of target boxes (n x 4, normalized [x0, y0, x1, y1]) matched one-to-one by a valid
-    read object of the same label with box IoU >= iou_threshold; greedy by IoU. 1.0 when n = 0."""
+    read object of the same label (any label when ``match_labels`` is false) with box IoU >=
+    iou_threshold; greedy by IoU. 1.0 when n = 0."""
     targets = [[float(v) * resolution for v in box] for box in np.asarray(boxes).reshape(-1, 4)]
     target_labels = [int(v) for v in np.asarray(labels).reshape(-1)]
     if not targets:
@@ -221,7 +222,7 @@ def box_recall(objects: Sequence[ReadObject], boxes, labels, resolution: int,
     pairs = sorted(
         ((box_iou(o.box, t), k, t_index)
          for k, o in enumerate(objects) if o.valid
-         for t_index, (t, lab) in enumerate(zip(targets, target_labels)) if o.label == lab),
+         for t_index, (t, lab) in enumerate(zip(targets, target_labels)) if o.label == lab or not match_labels),
         reverse=True,
     )
     used_objects, matched = set(), set()

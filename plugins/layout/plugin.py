@@ -30,8 +30,15 @@ class LayoutEncoder(ConditionEncoder):
     needs_positions = True  # tokens name places: the denoiser gets coordinate channels to match them
 
     def __init__(self, vocabulary: LayoutVocabulary, embed_dim: int, depth: int, num_heads: int, null: str = "empty",
-                 corner_frequencies: int = 0, regions: bool = False, class_embedding: bool = False):
+                 corner_frequencies: int = 0, regions: bool = False, class_embedding: bool = False,
+                 labels: bool = True):
         super().__init__()
+        # labels=False: boxes only. Every object's class token is the one token of a one-class
+        # vocabulary (an "object"), so the layout says where objects are and not what they are.
+        if not labels and vocabulary.num_classes != 1:
+            raise ValueError("condition.layout.labels=false needs a vocabulary of one class (an unlabelled object), "
+                             f"got {vocabulary.num_classes}")
+        self.labels = labels
         # Each object's tokens apply inside its box: the denoiser's cross-attention gets that prior
         # (ldmcore.nn.attention, "Token regions"); without it the model must learn the binding alone.
         self.token_regions = (vocabulary.bins, vocabulary.bins) if regions else None
@@ -65,7 +72,10 @@ class LayoutEncoder(ConditionEncoder):
         return torch.cat([torch.zeros_like(per_object[:, :1]), per_object.repeat_interleave(3, dim=1)], dim=1)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        out = {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], batch["box_labels"]))}
+        labels = batch["box_labels"]
+        if not self.labels:  # every object is the one unlabelled class
+            labels = [torch.zeros(len(torch.as_tensor(l).reshape(-1)), dtype=torch.int64) for l in labels]
+        out = {"crossattn": self.encode_tokens(self.vocabulary.encode_batch(batch["boxes"], labels))}
         if self.token_regions is not None:
             out[REGIONS] = self.vocabulary.regions_batch(batch["boxes"]).to(out["crossattn"].device)
         return out
@@ -104,15 +114,18 @@ def ldmcore_batch_keys():
 
 @hookimpl
 def ldmcore_build_encoder(options, data):
-    vocabulary = LayoutVocabulary(len(_class_names(data)), int(options.bins), int(options.max_objects))
+    labels = bool(options.get("labels", True))
+    num_classes = len(_class_names(data)) if labels else 1
+    vocabulary = LayoutVocabulary(num_classes, int(options.bins), int(options.max_objects))
     return LayoutEncoder(vocabulary, int(options.embed_dim), int(options.depth), int(options.num_heads), str(options.null_condition),
                          int(options.get("corner_frequencies", 0)), bool(options.get("regions", False)),
-                         bool(options.get("class_embedding", False)))
+                         bool(options.get("class_embedding", False)), labels)
 
 
 @hookimpl
 def ldmcore_parse_value(value, options, data):
-    boxes, labels = parse_layout(value, _class_names(data), int(options.max_objects))
+    boxes, labels = parse_layout(value, _class_names(data), int(options.max_objects),
+                                 labels_required=bool(options.get("labels", True)))
     return {"boxes": boxes, "box_labels": labels}
 
 
@@ -121,10 +134,11 @@ def ldmcore_format_value(batch, index, data):
     return format_layout(batch["boxes"][index], batch["box_labels"][index], _class_names(data))
 
 
-def box_recalls(images, batch, data) -> list[float]:
-    """Per sample: the share of its boxes matched by a read-back object of the same label with IoU >= 0.5."""
+def box_recalls(images, batch, data, match_labels: bool = True) -> list[float]:
+    """Per sample: the share of its boxes matched by a read-back object with IoU >= 0.5 (of the same
+    label unless ``match_labels`` is false)."""
     objects = data.reader.read_batch(images)
-    return [data.reader.box_recall(objs, boxes, labels, data.resolution)
+    return [data.reader.box_recall(objs, boxes, labels, data.resolution, match_labels=match_labels)
             for objs, boxes, labels in zip(objects, batch["boxes"], batch["box_labels"])]
 
 
@@ -137,8 +151,10 @@ def ldmcore_sample_success(images, batch, data):
 @hookimpl
 def ldmcore_score(images, batch, data):
     """Box recall: the share of target boxes matched by a read-back object of the same label
-    with IoU >= 0.5, averaged over samples."""
+    with IoU >= 0.5, averaged over samples; box placement: the same with any label (whether the
+    boxes are followed at all, the whole of what an unlabelled layout, ``labels=false``, asks)."""
     if data.reader is None:
         return {}
     recalls = box_recalls(images, batch, data)
-    return {"box_recall": sum(recalls) / max(len(recalls), 1)}
+    placed = box_recalls(images, batch, data, match_labels=False)
+    return {"box_recall": sum(recalls) / max(len(recalls), 1), "box_placement": sum(placed) / max(len(placed), 1)}

@@ -114,10 +114,15 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def parse_layout(value, class_names: Sequence[str], max_objects: int) -> tuple[torch.Tensor, torch.Tensor]:
+UNLABELLED = -1  # the label of an object given without one (a model with condition.layout.labels=false)
+
+
+def parse_layout(value, class_names: Sequence[str], max_objects: int,
+                 labels_required: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A user's layout ``[{"label": NAME or index, "box": [x0, y0, x1, y1]}, ...]`` -> (boxes
     (n, 4) float32, labels (n,) int64), in the order given. Any flaw raises ValueError naming the
-    object (1-based) and the field."""
+    object (1-based) and the field. With ``labels_required`` false (an unlabelled-layout model)
+    an object may leave out its label: it is then ``UNLABELLED``."""
     if not isinstance(value, list):
         raise ValueError(f"a layout is a JSON list of objects like {EXAMPLE}; got {value!r}")
     if len(value) > max_objects:
@@ -128,10 +133,13 @@ def parse_layout(value, class_names: Sequence[str], max_objects: int) -> tuple[t
         if not isinstance(obj, dict):
             raise ValueError(f"{where} must be an object like {EXAMPLE[1:-1]}; got {obj!r}")
         extra = set(obj) - {"label", "box"}
-        if extra or "label" not in obj or "box" not in obj:
-            raise ValueError(f"{where} must have exactly the fields label and box; it has {sorted(obj)}")
-        label = obj["label"]
-        if isinstance(label, str) and label in class_names:
+        if extra or ("label" not in obj and labels_required) or "box" not in obj:
+            fields = "exactly the fields label and box" if labels_required else "a box and at most a label"
+            raise ValueError(f"{where} must have {fields}; it has {sorted(obj)}")
+        label = obj.get("label")
+        if "label" not in obj:
+            labels.append(UNLABELLED)
+        elif isinstance(label, str) and label in class_names:
             labels.append(class_names.index(label))
         elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(class_names):
             labels.append(label)
@@ -161,4 +169,5 @@ def _short(v: float) -> float:
 
 def format_layout(boxes, labels, class_names: Sequence[str]) -> list[dict]:
     boxes, labels = torch.as_tensor(boxes).reshape(-1, 4), torch.as_tensor(labels).reshape(-1)
-    return [{"label": class_names[int(l)], "box": [_short(float(v)) for v in b]} for b, l in zip(boxes, labels)]
+    return [({} if int(l) == UNLABELLED else {"label": class_names[int(l)]}) | {"box": [_short(float(v)) for v in b]}
+            for b, l in zip(boxes, labels)]
