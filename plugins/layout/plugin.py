@@ -134,10 +134,9 @@ def ldmcore_format_value(batch, index, data):
     return format_layout(batch["boxes"][index], batch["box_labels"][index], _class_names(data))
 
 
-def box_recalls(images, batch, data, match_labels: bool = True) -> list[float]:
-    """Per sample: the share of its boxes matched by a read-back object with IoU >= 0.5 (of the same
-    label unless ``match_labels`` is false)."""
-    objects = data.reader.read_batch(images)
+def box_recalls(objects, batch, data, match_labels: bool = True) -> list[float]:
+    """Per sample: the share of its boxes matched by one of its read-back ``objects`` with IoU >= 0.5
+    (of the same label unless ``match_labels`` is false)."""
     return [data.reader.box_recall(objs, boxes, labels, data.resolution, match_labels=match_labels)
             for objs, boxes, labels in zip(objects, batch["boxes"], batch["box_labels"])]
 
@@ -145,7 +144,9 @@ def box_recalls(images, batch, data, match_labels: bool = True) -> list[float]:
 @hookimpl
 def ldmcore_sample_success(images, batch, data):
     """A layout is followed when every one of its boxes is recalled."""
-    return None if data.reader is None else [recall == 1.0 for recall in box_recalls(images, batch, data)]
+    if data.reader is None:
+        return None
+    return [recall == 1.0 for recall in box_recalls(data.reader.read_batch(images), batch, data)]
 
 
 @hookimpl
@@ -155,6 +156,7 @@ def ldmcore_score(images, batch, data):
     boxes are followed at all, the whole of what an unlabelled layout, ``labels=false``, asks)."""
     if data.reader is None:
         return {}
-    recalls = box_recalls(images, batch, data)
-    placed = box_recalls(images, batch, data, match_labels=False)
+    objects = data.reader.read_batch(images)  # read once, scored twice
+    recalls = box_recalls(objects, batch, data)
+    placed = box_recalls(objects, batch, data, match_labels=False)
     return {"box_recall": sum(recalls) / max(len(recalls), 1), "box_placement": sum(placed) / max(len(placed), 1)}
