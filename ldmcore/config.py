@@ -100,6 +100,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = choice("stop", "skip", default="stop")  # a NaN/inf loss or gradient norm
     max_skipped_steps: int = 10  # on_nonfinite=skip: stop once more steps than this were skipped
+    on_divergence: str = choice("stop", "warn", "off", default="stop")  # a finite loss that jumped and stayed up
+    divergence_factor: float = 3.0  # diverged: window means above this many times the lowest one...
+    divergence_window: int = 25  # ...each over this many steps...
+    divergence_patience: int = 4  # ...this many windows in a row
     sample_every: int = 0
     grid_columns: int = 10
     grid_rows: int = 18

@@ -23,11 +23,12 @@ from ldmcore.pluginmanager import PluginError
 from ldmcore.tasks import TASKS
 from ldmcore.training import distributed
 from ldmcore.training.checkpoint import CheckpointError
+from ldmcore.training.divergence import DivergedLossError
 from ldmcore.training.first_stage import FirstStageRejected
 from ldmcore.training.loop import NonFiniteLossError
 
 log = logging.getLogger("ldmcore")
-USER_ERRORS = (ConfigError, CheckpointError, FirstStageRejected, PluginError, NonFiniteLossError, distributed.PeerFailed,
+USER_ERRORS = (ConfigError, CheckpointError, FirstStageRejected, PluginError, NonFiniteLossError, DivergedLossError, distributed.PeerFailed,
                DataError)
 hydra_search.register()
 

@@ -90,6 +90,20 @@ def test_token_conditions_select_fine_attention(overrides, attention):
     assert list(compose_config(overrides).denoiser.attention_resolutions) == attention
 
 
+@pytest.mark.parametrize("overrides, steps, lr, scales, autoguidance", [
+    (["+condition=text"], 3200, 1e-3, {"text": 1.0}, 3.0),  # text's trainer and sampler presets
+    (["+condition=text", "sampler=plms"], 3200, 1e-3, {"text": 1.0}, 3.0),  # merged over any sampler
+    (["+condition=[text,layout]"], 3200, 1e-3, {"text": 1.0}, 3.0),  # the layout keeps the global scale
+    (["+condition=text", "trainer=default", "sampler.guidance_scales.text=3", "sampler.conditional_autoguidance_scale=1"],
+     1600, 2e-3, {"text": 3.0}, 1.0),  # the command line still wins
+    (["+condition=layout"], 1600, 2e-3, {}, 1.0),
+])
+def test_text_selects_its_trainer_and_sampler_presets(overrides, steps, lr, scales, autoguidance):
+    cfg = compose_config(overrides)
+    assert (cfg.trainer.steps, cfg.trainer.lr, dict(cfg.sampler.guidance_scales)) == (steps, lr, scales)
+    assert (cfg.sampler.conditional_autoguidance_scale, cfg.sampler.guidance_scale) == (autoguidance, 3.0)
+
+
 def test_class_as_vector_derives_vector_dim():
     cfg = validate(compose_config(["+condition=class", "condition.class.injection=vector", "+experiment=tiny"]))
     system = build_system(cfg, build("data", cfg.data))

@@ -153,7 +153,8 @@ def test_full_mask_null_is_the_encoding_of_an_image_with_nothing_known(masked, i
     encoder = build_encoder(masked, info, first_stage())
     null = encoder.null(8, LATENT, torch.device("cpu"))["concat"]
     nothing_known = {"image": batch["image"], "mask": torch.ones_like(batch["mask"])}
-    assert torch.allclose(null, encoder(nothing_known)["concat"], atol=1e-5)
+    # batch 1 (the null) and batch 8 take different conv kernels on some CPUs: fp32 noise ~1e-4
+    assert torch.allclose(null, encoder(nothing_known)["concat"], rtol=1e-4, atol=1e-4)
     assert torch.equal(null[:, 0], torch.ones(8, *LATENT))
     bigger = encoder.null(2, (12, 16), torch.device("cpu"))["concat"]  # convolutional sampling: any latent size
     assert bigger.shape == (2, 4, 12, 16)

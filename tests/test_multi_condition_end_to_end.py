@@ -51,7 +51,7 @@ def test_sampling_lines_with_both_or_one_condition(text_layout_run, tmp_path, gu
     out = tmp_path / "out"
     out.mkdir()
     cfg = compose_config([f"checkpoint={root / 'run'}", f"conditions={conditions}", "+experiment=tiny",
-                          f"sampler.guidance={guidance}", "+sampler.guidance_scales.text=4", "sampler.guidance_order=[layout]"])
+                          f"sampler.guidance={guidance}", "++sampler.guidance_scales.text=4", "sampler.guidance_order=[layout]"])
     assert sample(cfg, out) == {"images": 4}
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in m.items() if k != "file"} for m in manifest] == lines

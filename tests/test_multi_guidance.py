@@ -212,7 +212,7 @@ def test_bad_guidance_options_are_named(overrides, fragment):
 
 
 def test_guidance_options_compose_for_several_conditions():
-    cfg = validate(compose_config(["+condition=[text,layout]", "+sampler.guidance_scales.text=5", "sampler.guidance=nested",
+    cfg = validate(compose_config(["+condition=[text,layout]", "++sampler.guidance_scales.text=5", "sampler.guidance=nested",
                                    "sampler.guidance_order=[layout,text]"]))
     assert cfg.sampler.guidance_scales == {"text": 5.0} and list(cfg.sampler.guidance_order) == ["layout", "text"]
     # sampling a checkpoint takes its conditions from the checkpoint: checked once merged with it

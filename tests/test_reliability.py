@@ -22,6 +22,7 @@ from conftest import compose_config
 from ldmcore.diffusion.process import NoiseProcess
 from ldmcore.tasks import train
 from ldmcore.training.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
+from ldmcore.training.divergence import DivergedLossError, DivergenceWatch
 from ldmcore.training.loop import NonFiniteLossError
 from ldmcore.training.signals import stop_on_signals
 
@@ -276,3 +277,56 @@ def test_nonfinite_steps_are_skipped_and_counted_until_too_many(tmp_path, cache,
     assert folder.name == "step_0000003" and state["skipped_steps"] == 1
     assert state["ema_updates"] == 2  # the skipped step touched neither the weights nor the EMA
     assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+# --- a finite loss that jumps and stays up -----------------------------------------------------
+
+
+def test_divergence_watch_reports_a_jump_that_stays_not_noise():
+    watch = DivergenceWatch(factor=3, window=2, patience=2)
+    losses = [1.0, 0.5, 0.2, 0.1, 0.1, 0.1, 0.3, 0.5, 0.1, 0.1]  # a decreasing loss, then one window of 0.4
+    assert [watch.update(step, loss) for step, loss in enumerate(losses, 1)] == [None] * len(losses)  # one window: noise
+    assert [watch.update(step, loss) for step, loss in enumerate([0.5, 0.5, float("nan"), 0.4], 11)] == [None] * 4
+    message = watch.update(15, 0.6)  # the second window in a row above 3 x 0.1 (the NaN is not counted)
+    assert message and "3 x its lowest (0.1, steps to 6) since step 11, now 0.5 at step 15" in message
+    assert watch.update(16, 0.6) is None and watch.update(17, 0.6) is None  # reported once per episode
+    with pytest.raises(ValueError, match="trainer.divergence_factor must be > 1"):
+        DivergenceWatch(factor=1, window=25, patience=4)
+
+
+@pytest.fixture
+def loss_jumps_at(monkeypatch):
+    """loss_jumps_at(call): the denoiser loss is 100 times larger from that (1-based) training step on."""
+
+    def install(call):
+        real, seen = NoiseProcess.training_loss, []
+
+        def training_loss(self, *args, **kwargs):
+            seen.append(1)
+            loss = real(self, *args, **kwargs)
+            return loss * 100 if len(seen) >= call else loss
+
+        monkeypatch.setattr(NoiseProcess, "training_loss", training_loss)
+
+    return install
+
+
+WATCH_EVERY_STEP = ["trainer.divergence_window=1", "trainer.divergence_patience=2", "trainer.steps=6"]
+
+
+def test_a_loss_that_jumps_and_stays_stops_the_run_naming_the_step(tmp_path, cache, loss_jumps_at):
+    loss_jumps_at(3)
+    run = tmp_path / "run"
+    with pytest.raises(DivergedLossError, match=r"since step 3, now .* at step 4; training stopped .*"
+                                                 r"the last checkpoint is .*step_0000003"):
+        train(tiny_run(cache, *WATCH_EVERY_STEP), run)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]  # stopped at step 4, before its record
+
+
+def test_a_loss_that_jumps_is_only_logged_with_on_divergence_warn(tmp_path, cache, loss_jumps_at, caplog):
+    loss_jumps_at(3)
+    run = tmp_path / "run"
+    train(tiny_run(cache, *WATCH_EVERY_STEP, "trainer.on_divergence=warn"), run)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    warned = [r.message for r in caplog.records if "diverged" in r.message]
+    assert len(warned) == 1 and "at step 4; training goes on" in warned[0]

@@ -127,15 +127,36 @@ def test_learned_encoder_tokens_null_and_gradients(text, world, info):
 def test_token_embedding_adds_each_pieces_own_embedding_to_its_output(text, world, info):
     captions = {"caption": ["a red circle", "a blue circle"]}
     torch.manual_seed(0)
-    plain = build(text, info, token_embedding=False)
+    plain = build(text, info, token_embedding=False, position_embedding=False)
     torch.manual_seed(0)
-    named = build(text, info, token_embedding=True)
+    named = build(text, info, token_embedding=True, position_embedding=False)
     assert plain.token_embedding is None and "token_embedding.weight" in named.state_dict()
     tokens, _ = named.tokenizer.encode(captions["caption"], named.max_length)
     torch.testing.assert_close(named(captions)["crossattn"] - plain(captions)["crossattn"], named.token_embedding(tokens))
     out = named(captions)["crossattn"]
     differs = (tokens[0] != tokens[1]).nonzero().flatten().tolist()  # the colour's piece(s)
     assert differs and all(not torch.allclose(out[0, i], out[1, i], atol=0.5) for i in differs)
+
+
+def test_position_embedding_tells_the_objects_of_a_caption_apart(text, world, info):
+    """The same piece at the first and at the second object's place reaches the denoiser as two
+    different tokens: the position's own embedding is added to each output token."""
+    captions = {"caption": ["a red circle and a blue square", "a blue square and a red circle"]}
+    torch.manual_seed(0)
+    plain = build(text, info, token_embedding=True, position_embedding=False)
+    torch.manual_seed(0)
+    placed = build(text, info, token_embedding=True, position_embedding=True)
+    assert plain.position_embedding is None and placed.state_dict()["position_embedding"].shape == (24, 32)
+    difference = placed(captions)["crossattn"] - plain(captions)["crossattn"]
+    torch.testing.assert_close(difference, placed.position_embedding.expand_as(difference))
+    pieces = placed.tokenizer.pieces(captions["caption"][0])
+    red = pieces.index("▁red") + 1  # after the begin token: the first object's colour, the second object's in the other
+    other = placed.tokenizer.pieces(captions["caption"][1]).index("▁red") + 1
+    assert red != other
+    out, before = placed(captions)["crossattn"], plain(captions)["crossattn"]
+    assert (out[0, red] - out[1, other]).norm() > 2 * (before[0, red] - before[1, other]).norm()
+    placed(captions)["crossattn"].sum().backward()
+    assert placed.position_embedding.grad is not None  # learned with the denoiser
 
 
 def test_weights_of_another_tokenizer_are_refused(text, world, info):

@@ -56,11 +56,17 @@ class LearnedStringEncoder(_StringEncoder):
     every output token names its piece however much the layers mixed it with the others (the
     transformer's own embeddings start at std 0.02, and at initialization its outputs hardly depend
     on the token: docs/conditions.md, "Layout meets its bar").
+
+    ``position_embedding``: a learned embedding of each position (std 1) added to its output as well, so
+    every output token also says where in the string it stands. A caption names its objects in order
+    ("a red circle and a blue square": the first object's pieces always stand at the same positions),
+    and the piece embedding alone makes the two objects' colour tokens look alike to the denoiser
+    whatever their order (docs/conditions.md, "Text meets its bar").
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_length: int, embed_dim: int, depth: int,
                  num_heads: int, null: str = "empty", key: str = "text", option: str = "condition",
-                 token_embedding: bool = False):
+                 token_embedding: bool = False, position_embedding: bool = False):
         super().__init__(null, key, option)
         if max_length < 3:
             raise ValueError(f"{option}.max_length must leave room for a piece between begin and end tokens, got {max_length}")
@@ -69,6 +75,7 @@ class LearnedStringEncoder(_StringEncoder):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.transformer = SequenceTransformer(vocab_size, max_length, embed_dim, depth, num_heads)
         self.token_embedding = nn.Embedding(vocab_size, embed_dim) if token_embedding else None
+        self.position_embedding = nn.Parameter(torch.randn(max_length, embed_dim)) if position_embedding else None
         self.register_buffer("tokenizer_digest", torch.tensor(list(tokenizer.digest), dtype=torch.uint8))
         self.register_load_state_dict_post_hook(_check_tokenizer)
         self.outputs = {"crossattn": (max_length, embed_dim)}
@@ -78,7 +85,11 @@ class LearnedStringEncoder(_StringEncoder):
         device = self.tokenizer_digest.device
         tokens = tokens.to(device)
         out = self.transformer(tokens, keep.to(device))  # (B, L, D)
-        return out if self.token_embedding is None else out + self.token_embedding(tokens)
+        if self.token_embedding is not None:
+            out = out + self.token_embedding(tokens)
+        if self.position_embedding is not None:
+            out = out + self.position_embedding
+        return out
 
 
 def _check_tokenizer(module: LearnedStringEncoder, incompatible_keys) -> None:

@@ -26,6 +26,7 @@ from ldmcore.data.stream import StreamPosition
 from ldmcore.sampling import slice_batch
 from ldmcore.training import distributed
 from ldmcore.training.checkpoint import load_module_state, module_tensors, save_run_checkpoint, write_text_atomic
+from ldmcore.training.divergence import DivergedLossError, DivergenceWatch
 from ldmcore.training.ema import EMA
 from ldmcore.training.optim import adamw, load_optimizer_tensors, lr_factor, optimizer_tensors
 from ldmcore.training.signals import stop_on_signals
@@ -139,6 +140,7 @@ def train_denoiser(system, dataset, latents: LatentPool | LatentStream, cfg: Dic
         if step > opts.steps:
             raise ConfigError(f"trainer.steps={opts.steps} is below the checkpoint's step {step}; raise it to train further")
         log.info("resuming at step %d from %s", step, last_checkpoint)
+    watch = DivergenceWatch(opts.divergence_factor, opts.divergence_window, opts.divergence_patience)
     position = stream_position(resume, ctx, "stream" if streaming else "pool")  # this rank's, from the checkpoint
     reader = latents.open(ctx.rank, ctx.world_size, device, position) if streaming else None  # stream mode's data
     first_row = rows[0].start  # this rank's first row of the global batch
@@ -211,6 +213,8 @@ def train_denoiser(system, dataset, latents: LatentPool | LatentStream, cfg: Dic
             else:  # no update: weights, optimizer state and EMA stay as they were
                 skipped += 1
                 refuse_nonfinite(loss_value, grad_norm, done, skipped, opts, last_checkpoint)
+            if opts.on_divergence != "off" and (diverged := watch.update(done, loss_value)):  # the same on every rank
+                refuse_diverged(diverged, opts, last_checkpoint)
 
             window_steps += 1
             if metrics_log is not None and (done % opts.log_every == 0 or done == opts.steps or stopping):
@@ -300,6 +304,16 @@ def open_metrics_log(path: Path, from_step: int):
 
 def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN
+
+
+def refuse_diverged(message: str, opts, last_checkpoint) -> None:
+    """Log a diverged loss (``trainer.on_divergence=warn``) or raise ``DivergedLossError`` (``stop``)."""
+    if opts.on_divergence == "warn":
+        log.warning("%s; training goes on (trainer.on_divergence=warn)", message)
+        return
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been written"
+    raise DivergedLossError(f"{message}; training stopped (trainer.on_divergence=stop); {kept}. A lower trainer.lr "
+                            f"is the usual fix (trainer.on_divergence=warn or off to go on regardless)")
 
 
 def refuse_nonfinite(loss: float, grad_norm: float, done: int, skipped: int, opts, last_checkpoint) -> None:

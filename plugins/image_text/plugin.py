@@ -156,7 +156,8 @@ def build_text_encoder(options, null: str, data, cache_dir: Path | None) -> Cond
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than {where}.vocab_size={options.vocab_size}")
     return LearnedStringEncoder(tokenizer, int(options.vocab_size), max_length, int(options.embed_dim), int(options.depth),
                                 int(options.num_heads), null, key=TEXT_KEY, option=where,
-                                token_embedding=bool(options.get("token_embedding", False)))
+                                token_embedding=bool(options.get("token_embedding", False)),
+                                position_embedding=bool(options.get("position_embedding", False)))
 
 
 def build_image_tokens(options, resolution: int) -> ImageTokens:

@@ -54,7 +54,8 @@ def ldmcore_build_encoder(options, data, cache_dir):
         tokenizer = obtain_tokenizer(captions, int(options.vocab_size), str(options.tokenizer_type), cache_dir)
         encoder = LearnedStringEncoder(tokenizer, int(options.vocab_size), int(options.max_length), int(options.embed_dim),
                                        int(options.depth), int(options.num_heads), str(options.null_condition), key=KEY,
-                                       option="condition.text", token_embedding=bool(options.get("token_embedding", False)))
+                                       option="condition.text", token_embedding=bool(options.get("token_embedding", False)),
+                                       position_embedding=bool(options.get("position_embedding", False)))
     else:
         raise ValueError(f"condition.text.encoder must be one of {', '.join(ENCODERS)}, got {kind!r}")
     encoder.needs_positions = True
