@@ -13,9 +13,6 @@ import math
 
 from ldmcore.config import ConfigError
 
-ACTIONS = ("stop", "warn", "off")
-
-
 class DivergedLossError(FloatingPointError):
     """The denoiser's loss jumped and stayed up (``trainer.on_divergence=stop``); the message names
     the step, the loss before and after, and the last checkpoint."""
