@@ -13,6 +13,7 @@ import math
 
 from ldmcore.config import ConfigError
 
+
 class DivergedLossError(FloatingPointError):
     """The denoiser's loss jumped and stayed up (``trainer.on_divergence=stop``); the message names
     the step, the loss before and after, and the last checkpoint."""
