@@ -22,7 +22,7 @@ from ldmcore.autoencoder import KLAutoencoder
 from ldmcore.conditioning import Conditioner
 from ldmcore.config import validate
 from ldmcore.data.base import data_info
-from ldmcore.data.shapes import ShapesWorld
+from ldmcore.data.shapes import BACKGROUND, ShapesWorld
 from ldmcore.pluginmanager import installed
 from ldmcore.system import build, build_system
 from ldmcore import tasks
@@ -292,7 +292,8 @@ def test_ground_truth_scores_perfectly_and_damage_is_measured(masked, info, worl
     batch = world.batch(list(range(32)))
     truth = masked.call("ldmcore_score", images=batch["image"], batch=batch, options=options(), data=info)
     assert truth["psnr_outside_mask_db"] == 100.0 and truth["masked_objects_valid"] == 1.0
-    assert 0.0 < truth["masked_object_rate"] <= 1.0
+    assert truth["masked_object_validity"] == 1.0
+    assert 0.0 < truth["masked_object_rate"] == truth["masked_object_rate_original"] <= 1.0
     # noise outside the mask: a finite PSNR of the right size (std 0.1 on a peak-to-peak of 2 -> 26 dB)
     noisy = batch["image"] + 0.1 * torch.randn(batch["image"].shape, generator=torch.Generator().manual_seed(0)) * (1 - batch["mask"])
     scores = masked.call("ldmcore_score", images=noisy, batch=batch, options=options(), data=info)
@@ -305,7 +306,16 @@ def test_ground_truth_scores_perfectly_and_damage_is_measured(masked, info, worl
         blobbed[i] = torch.where(batch["mask"][i] > 0, torch.rand(3, 32, 32).round() * 2 - 1, blobbed[i])
     scores = masked.call("ldmcore_score", images=blobbed, batch=batch, options=options(), data=info)
     assert scores["masked_objects_valid"] <= 1 - len(with_object) / 32 + 1e-9
+    assert scores["masked_object_validity"] < 1.0
     assert scores["psnr_outside_mask_db"] == 100.0  # only the masked region changed
+    # an emptied mask is an object removed: valid image by image, but fewer objects than the data's,
+    # and no object to judge one by one
+    gray = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+    emptied = torch.where(batch["mask"] > 0, gray.expand_as(batch["image"]), batch["image"])
+    scores = masked.call("ldmcore_score", images=emptied, batch=batch, options=options(), data=info)
+    assert scores["masked_objects_valid"] == 1.0 and scores["masked_object_rate"] == 0.0
+    assert scores["masked_object_rate_original"] == truth["masked_object_rate"]
+    assert "masked_object_validity" not in scores
 
 
 # --- a tiny run: train, then inpaint from a conditions file --------------------------------------

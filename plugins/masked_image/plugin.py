@@ -158,15 +158,25 @@ def objects_in_mask(objects, mask: torch.Tensor) -> list:
 @hookimpl
 def ldmcore_score(images, batch, data):
     """psnr_outside_mask_db: mean PSNR of the kept region against the original (each sample capped
-    at PSNR_CAP_DB). With the data's exact reader: masked_objects_valid, the share of images whose
-    objects lying mostly inside the mask all read back valid (an image with none counts as valid:
-    an object removed), and masked_object_rate, the share with at least one such object."""
+    at PSNR_CAP_DB). With the data's exact reader, over the objects lying mostly inside the mask:
+    masked_objects_valid, the share of images whose such objects all read back valid (an image with
+    none counts as valid: an object removed); masked_object_validity, the share of such objects,
+    counted one by one, that read back valid (an empty mask adds nothing to it, so it cannot be won by
+    generating nothing); masked_object_rate, the share of images with at least one such object, beside
+    masked_object_rate_original, the same share in the original images (a model generating fewer
+    objects than the data holds is removing them)."""
     images = images.detach().cpu()
     original, mask = torch.as_tensor(batch["image"]).cpu(), torch.as_tensor(batch["mask"]).cpu()
     psnrs = [p for p in (psnr_outside(i, o, m) for i, o, m in zip(images, original, mask)) if not math.isnan(p)]
     scores = {"psnr_outside_mask_db": sum(psnrs) / len(psnrs)} if psnrs else {}
     if data.reader is not None:
         inside = [objects_in_mask(objects, m) for objects, m in zip(data.reader.read_batch(images), mask)]
-        scores["masked_objects_valid"] = sum(all(o.valid for o in objs) for objs in inside) / max(len(inside), 1)
-        scores["masked_object_rate"] = sum(bool(objs) for objs in inside) / max(len(inside), 1)
+        known = [objects_in_mask(objects, m) for objects, m in zip(data.reader.read_batch(original), mask)]
+        read = [o for objs in inside for o in objs]
+        images_n = max(len(inside), 1)
+        scores["masked_objects_valid"] = sum(all(o.valid for o in objs) for objs in inside) / images_n
+        if read:
+            scores["masked_object_validity"] = sum(o.valid for o in read) / len(read)
+        scores["masked_object_rate"] = sum(bool(objs) for objs in inside) / images_n
+        scores["masked_object_rate_original"] = sum(bool(objs) for objs in known) / images_n
     return scores
