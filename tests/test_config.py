@@ -99,8 +99,10 @@ def test_token_conditions_select_fine_attention(overrides, attention):
     (["+condition=layout"], 1600, 2e-3, {}, 1.0),
     (["+condition=image_text"], 3200, 1e-3, {}, 1.0),  # image_text takes the long trainer, not text's sampler preset
     (["+condition=image_text", "trainer=default"], 1600, 2e-3, {}, 1.0),
+    (["+condition=masked_image"], 3200, 1e-3, {}, 1.0),  # inpainting takes the long trainer too
+    (["+condition=[masked_image,text]"], 3200, 1e-3, {"text": 1.0}, 3.0),
 ])
-def test_token_conditions_select_their_trainer_and_sampler_presets(overrides, steps, lr, scales, autoguidance):
+def test_conditions_select_their_trainer_and_sampler_presets(overrides, steps, lr, scales, autoguidance):
     cfg = compose_config(overrides)
     assert (cfg.trainer.steps, cfg.trainer.lr, dict(cfg.sampler.guidance_scales)) == (steps, lr, scales)
     assert (cfg.sampler.conditional_autoguidance_scale, cfg.sampler.guidance_scale) == (autoguidance, 3.0)
