@@ -36,17 +36,13 @@ import argparse
 import copy
 import ctypes
 import gc
-import importlib
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,116 +52,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_diffusers_models import (  # noqa: E402
+    CHANGES, GUIDANCE, ROOT, SAMPLE_RUNS, SCHEDULER, UNET, VAE, baseline_modules, check_parity, forward_call, inputs,
+    load, make_weights, quiet_diffusers, revert, samplers,
+)
+from vs_diffusers_report import goals, machine, render, write_doc  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "vs_diffusers.json"
 DOC = ROOT / "docs" / "performance.md"
-
-UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=256, attention_head_dim=(2, 4, 8),  # heads per level: a head width of 32
-)
-VAE = dict(
-    in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
-)
-# Stable Diffusion v1's DDIM settings (its scheduler_config.json)
-SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                 beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1, clip_sample=False,
-                 set_alpha_to_one=False)
-TOKENS, GUIDANCE = 77, 7.5
-# the memory probes' names for the sampling runs of `samplers`
-SAMPLE_RUNS = {"diffusers": "diffusers pipeline", "ldmcore": "ldmcore", "ldmcore-reuse": "ldmcore + reuse_context"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ldmcore changes of this issue, by the classes whose forward each one touched (for the ablation)
-CHANGES = {
-    "in-place intermediates": ("ResBlock", "GEGLU", "BasicTransformerBlock", "UNet"),
-    "merged q/k/v products": ("Attention",),
-    "token-layout projections": ("SpatialTransformer",),
-}
-
-
-# ----- models ---------------------------------------------------------------------------------
-
-
-def quiet_diffusers() -> None:
-    """diffusers' advice on loading (accelerate, dtype casts) is noise in a benchmark's output."""
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()
-
-
-def make_weights(folder: Path, seed: int = 0) -> None:
-    """A diffusers pipeline folder (unet/, vae/, scheduler/) with random weights: diffusers' init
-    plus noise on every tensor, so that no zero-initialized layer hides a difference."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    for name, model in (("unet", UNet2DConditionModel(**UNET)), ("vae", AutoencoderKL(**VAE))):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        model.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-
-
-def load(framework: str, folder: Path, part: str):
-    """The unet or vae of ``folder`` as ``framework`` builds it, float32, eval mode."""
-    if framework == "diffusers":
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
-        return cls.from_pretrained(folder / part).eval()
-    from ldmcore.interop import load_autoencoder, load_unet
-
-    return (load_unet if part == "unet" else load_autoencoder)(folder)
-
-
-def forward_call(framework: str, model, x, t, context) -> Callable[[], torch.Tensor]:
-    if framework == "diffusers":
-        return lambda: model(x, t, encoder_hidden_states=context, return_dict=False)[0]
-    return lambda: model(x, t, context)
-
-
-def inputs(batch: int, device, dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, 16, 16, generator=g)  # (B, 4, 16, 16) latents
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    context = torch.randn(batch, TOKENS, UNET["cross_attention_dim"], generator=g)  # (B, 77, 256)
-    return x.to(device, dtype), t.to(device), context.to(device, dtype)
-
-
-def baseline_modules(source: str) -> types.SimpleNamespace:
-    """ldmcore's nn and denoiser packages of an older version, imported under another name.
-    source: a git revision of this repository, or a folder holding that version's ldmcore/."""
-    folder = Path(tempfile.mkdtemp(prefix="ldmcore-baseline-"))
-    package = "ldmcore_baseline"
-    if Path(source).is_dir():
-        for part in ("nn", "denoiser"):
-            shutil.copytree(Path(source) / "ldmcore" / part, folder / package / part)
-    else:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", source, "ldmcore/nn", "ldmcore/denoiser"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-        (folder / "ldmcore").rename(folder / package)
-    (folder / package / "__init__.py").write_text("")
-    sys.path.insert(0, str(folder))
-    nn_mod, denoiser = importlib.import_module(f"{package}.nn"), importlib.import_module(f"{package}.denoiser")
-    return types.SimpleNamespace(UNet=denoiser.UNet, classes={**vars(nn_mod), "UNet": denoiser.UNet})
-
-
-def revert(model: torch.nn.Module, base: types.SimpleNamespace, classes: tuple[str, ...]) -> torch.nn.Module:
-    """A copy of ldmcore's ``model`` whose modules of the named classes run the baseline's forward."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        name = type(m).__name__
-        if name in classes:
-            m.forward = types.MethodType(base.classes[name].forward, m)
-            if name == "SpatialTransformer":  # the older forward branched on the layer type
-                m.use_linear = isinstance(m.proj_in, torch.nn.Linear)
-    return model
 
 
 # ----- timing ---------------------------------------------------------------------------------
@@ -272,19 +168,6 @@ def build_variants(folder: Path, args, device, dtype, base) -> dict[str, tuple[s
     return variants
 
 
-def check_parity(folder: Path) -> dict:
-    """Max abs differences of ldmcore against diffusers (fp32, CPU): UNet forward and VAE decode."""
-    x, t, context = inputs(4, "cpu", torch.float32)
-    with torch.inference_mode():
-        unet = forward_call("diffusers", load("diffusers", folder, "unet"), x, t, context)()
-        ours = forward_call("ldmcore", load("ldmcore", folder, "unet"), x, t, context)()
-        image = load("diffusers", folder, "vae").decode(x).sample
-        our_image = load("ldmcore", folder, "vae").decode(x)
-    result = {"unet_max_abs": float((unet - ours).abs().max()), "vae_max_abs": float((image - our_image).abs().max())}
-    assert unet.abs().max() > 0.1 and result["unet_max_abs"] < 1e-4 and result["vae_max_abs"] < 1e-4, result
-    return result
-
-
 def network_benchmarks(folder: Path, args, device, dtype, base) -> dict:
     """FLOP counts, then forward and train-step times of every variant, interleaved."""
     x, t, context = inputs(args.batch, device, dtype)
@@ -341,67 +224,6 @@ def _train_step(fn: Callable, optimizer: torch.optim.Optimizer, target: torch.Te
 
 def sdpa_context(backend: str):
     return nullcontext() if backend == "default" else sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend])
-
-
-def samplers(folder: Path, batch: int, steps: int, device, dtype, compile: bool, only: str | None = None,
-             seed: int = 2) -> dict[str, Callable]:
-    """name -> a function that samples ``batch`` images of 64 px, (B, 3, 64, 64) in [0, 1], from the
-    same noise and contexts: diffusers' pipeline, and ldmcore's sampler + first stage; each with
-    models of its own. only: build just that one."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from ldmcore.diffusion import classifier_free_guidance, sample_ddim
-    from ldmcore.interop import diffusers_sigmas, load_noise_process
-    from ldmcore.nn import reuse_context
-
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch, 4, 16, 16, generator=g).to(device, dtype)  # z_T
-    cond = torch.randn(batch, TOKENS, UNET["cross_attention_dim"], generator=g).to(device, dtype)
-    uncond = torch.zeros_like(cond)
-
-    def diffusers_run(unet):
-        pipe = StableDiffusionPipeline(
-            vae=load("diffusers", folder, "vae"), text_encoder=None, tokenizer=None, unet=unet,
-            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        ).to(device, dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return lambda: pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=64, width=64, num_inference_steps=steps,
-                            guidance_scale=GUIDANCE, latents=noise, output_type="pt").images
-
-    process = load_noise_process(folder)
-    sigmas = diffusers_sigmas(SCHEDULER, steps, process.schedule).to(device)
-
-    def ldmcore_run(net, reuse: bool, channels_last: bool = False):
-        vae = load("ldmcore", folder, "vae").to(device, dtype)
-        denoiser = process.denoiser(lambda z, t, c: net(z, t, c["crossattn"]))
-        model = classifier_free_guidance(denoiser, {"crossattn": cond}, {"crossattn": uncond}, GUIDANCE)
-        z_T = noise.contiguous(memory_format=torch.channels_last) if channels_last else noise
-
-        def run():
-            with torch.inference_mode(), reuse_context(net) if reuse else nullcontext():
-                x = sample_ddim(model, process.initial_noise(z_T, sigmas[0]), sigmas)
-                z0 = x / (1 + sigmas[-1] ** 2).sqrt()  # VE -> VP: the last σ is σ_0 > 0 (set_alpha_to_one=False)
-                return (vae.decode(z0 / vae.scale_factor) / 2 + 0.5).clamp(0, 1)
-        return run
-
-    def theirs():
-        return load("diffusers", folder, "unet").to(device, dtype)
-
-    def ours(memory_format=torch.contiguous_format):
-        return load("ldmcore", folder, "unet").to(device, dtype, memory_format=memory_format)
-
-    factories = {
-        "diffusers pipeline": lambda: diffusers_run(theirs()),
-        "ldmcore": lambda: ldmcore_run(ours(), reuse=False),
-        "ldmcore + reuse_context": lambda: ldmcore_run(ours(), reuse=True),
-        "ldmcore + reuse_context, channels-last": lambda: ldmcore_run(
-            ours(torch.channels_last), reuse=True, channels_last=True),
-    }
-    if compile:
-        factories["diffusers pipeline compiled"] = lambda: diffusers_run(torch.compile(theirs()))
-        factories["ldmcore compiled"] = lambda: ldmcore_run(torch.compile(ours()), reuse=False)
-    return {name: factories[name]() for name in ([only] if only else factories)}
 
 
 def sampling_benchmark(folder: Path, args, device, dtype) -> dict:
@@ -496,102 +318,7 @@ def _shared_args(args) -> list[str]:
             "--sample-batch", str(args.sample_batch)]
 
 
-# ----- goals, table, main ----------------------------------------------------------------------
-
-
-def goals(result: dict) -> list[dict]:
-    """The issue's goals, as ratios measured in this run (compiled variants count when present)."""
-    fwd, train = result["forward"], result["train"]
-    eager = [n for n in fwd if n.startswith("ldmcore") and "@" not in n and "without" not in n]
-    best = lambda table, names: max(names, key=lambda n: table[n]["per_s"])  # noqa: E731
-    rows = [
-        ("forward ≥ 1.5× diffusers", 1.5, fwd[best(fwd, eager)]["vs_diffusers"], best(fwd, eager)),
-        ("train step ≥ 1.3× diffusers", 1.3, train[best(train, eager)]["vs_diffusers"], best(train, eager)),
-        ("forward GFLOP/s ≥ 60 % of the matmul peak", 60.0, fwd[best(fwd, eager)]["pct_peak"], best(fwd, eager)),
-    ]
-    if "sampling" in result:
-        runs = result["sampling"]["runs"]
-        name = best(runs, [n for n in runs if n.startswith("ldmcore")])
-        rows.append(("sampling ≥ 1.5× the diffusers pipeline", 1.5, runs[name]["vs_diffusers"], name))
-    if "memory" in result:
-        worst = max(m["ldmcore"]["peak_over_built_mib"] / max(m["diffusers"]["peak_over_built_mib"], 1e-9)
-                    for task, m in result["memory"].items() if task != "method")
-        rows.append(("peak memory ≤ diffusers' (worst task, ratio)", 1.0, worst, "ldmcore"))
-    return [{"goal": g, "target": target, "measured": value, "by": by,
-             "met": value <= target if g.startswith("peak memory") else value >= target} for g, target, value, by in rows]
-
-
-def markers(json_path: Path) -> tuple[str, str]:
-    """The lines around the doc's section of one results file (a CPU and a GPU run keep one each)."""
-    path = json_path.resolve()
-    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return f"<!-- {name}: begin (python bench/vs_diffusers.py --render --json {name}) -->", f"<!-- {name}: end -->"
-
-
-def render(result: dict, json_path: Path) -> str:
-    """The markdown section of docs/performance.md for one result."""
-    m = result["meta"]
-    begin, end = markers(json_path)
-    lines = [
-        begin,
-        f"Measured {m['date']} on {m['machine']} ({m['threads']} threads), {m['dtype']}, attention kernel: {m['sdpa']}, "
-        f"{'malloc keeping freed memory, ' if m.get('keep_freed_memory') else ''}torch {m['torch']}, "
-        f"diffusers {m['diffusers']}; load average {m['load_start'][0]:.2f} at the start, {m['load_end'][0]:.2f} at the end"
-        f"{' (QUICK: a smoke run, not a measurement)' if m['quick'] else ''}. Command: `{m['command']}`."
-        f"{' Note: ' + m['note'] + '.' if m.get('note') else ''}",
-        f"Matmul peak ({m['peak_n']}³, best of 5 at the start and 5 at the end): **{m['peak_gflops']:.0f} GFLOP/s**. FLOPs per call: forward "
-        f"{result['flops']['forward_gflop']:.1f} GFLOP (diffusers' count: {result['flops']['forward_gflop_diffusers']:.1f}), "
-        f"train step {result['flops']['train_gflop']:.1f} GFLOP. Parity: UNet max |Δ| {result['parity']['unet_max_abs']:.1e}, "
-        f"VAE {result['parity']['vae_max_abs']:.1e}.",
-        "",
-        f"| variant (batch {m['batch']}) | forward img/s | × diffusers | GFLOP/s | % peak | train img/s | × diffusers | GFLOP/s | % peak |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, f in result["forward"].items():
-        t = result["train"][name]
-        lines.append(f"| {name} | {f['per_s']:.1f} | {f['vs_diffusers']:.2f} | {f['gflops']:.0f} | {f['pct_peak']:.0f} "
-                     f"| {t['per_s']:.1f} | {t['vs_diffusers']:.2f} | {t['gflops']:.0f} | {t['pct_peak']:.0f} |")
-    for name, c in result.get("compile_s", {}).items():
-        lines.append(f"\nCompilation of {name}: {c['forward']:.0f} s (forward), {c['train']:.0f} s (train step).")
-    if "sampling" in result:
-        s = result["sampling"]
-        lines += ["", f"| sampling: {s['steps']} DDIM steps, guidance {s['guidance_scale']}, decode, batch {s['batch']} "
-                  "| images/s | × diffusers | max abs Δ image |", "|---|---|---|---|"]
-        lines += [f"| {n} | {r['per_s']:.2f} | {r['vs_diffusers']:.2f} | {r['max_abs_vs_diffusers']:.1e} |" for n, r in s["runs"].items()]
-    if "memory" in result:
-        mem = result["memory"]
-        lines += ["", f"Memory: {mem['method']}.", "", "| task | diffusers MiB | ldmcore MiB | ldmcore / diffusers |", "|---|---|---|---|"]
-        for task in ("forward", "train", "sample"):
-            d = mem[task]["diffusers"]["peak_over_built_mib"]
-            for name, cell in mem[task].items():
-                if name != "diffusers":
-                    label = task if name == "ldmcore" else f"{task}, {SAMPLE_RUNS[name]}"
-                    o = cell["peak_over_built_mib"]
-                    lines.append(f"| {label} | {d:.0f} | {o:.0f} | {o / max(d, 1e-9):.2f} |")
-    lines += ["", "| goal | measured | by | met |", "|---|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['measured']:.2f} | {g['by']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
-    return "\n".join(lines + [end])
-
-
-def write_doc(result: dict, json_path: Path, doc: Path) -> None:
-    """Replace this result's section of ``doc`` (other sections stay), creating the doc if needed."""
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    begin, end = markers(json_path)
-    section = render(result, json_path)
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} CPUs"
+# ----- main ---------------------------------------------------------------------------------------
 
 
 def main() -> None:
