@@ -2,6 +2,7 @@
 models with f = 1 (pixel space), 2, 4 and 8, each trained for the same budget of training FLOPs.
 
     python bench/latent_vs_pixel.py [--budget-tflop 60] [--factors 1 2 4 8]
+    python bench/latent_vs_pixel.py --factors 1 4 --budget-tflop 240 --budget-shares 4=0.333
     python bench/latent_vs_pixel.py --quick            # tiny models: a smoke check in seconds
 
 The budget is training FLOPs, counted with ``torch.utils.flop_counter`` on one training step
@@ -10,7 +11,10 @@ not counted), so a model of f gets floor(budget / FLOPs per step) steps at the s
 (learning-rate schedule, EMA and everything else as the default run). Wall time is recorded too,
 but on a shared CPU it is not a fair budget. The first stages are trained (or reused from the
 cache) before any denoiser and are not charged to the budget, as in the paper (one first stage
-serves many denoisers); their training time is recorded.
+serves many denoisers); their training time is recorded. ``--budget-shares F=S`` trains factor F for
+S times the budget instead (the pixel model keeps the whole budget): with ``4=0.333`` the goal's
+question, whether f=4 reaches the pixel model's final score with a third of its compute, is
+answered by training f=4 for only that third.
 
 First stages: f=1 the identity (``conf/autoencoder/identity.yaml``, pixel space), f=2/4/8 the KL
 autoencoders ``kl_f2`` / ``kl_f4`` / ``kl_f8``. Denoisers (``unet_overrides``), family
@@ -225,6 +229,20 @@ def first_reaching(curve: list[dict], score: str, target: float) -> dict | None:
     return next((p for p in sorted(curve, key=lambda p: p["tflop"]) if p[score] >= target), None)
 
 
+def parse_shares(items: list[str]) -> dict[int, float]:
+    """``["4=0.333"]`` -> {4: 0.333}: the share of the budget each named factor trains for."""
+    shares = {}
+    for item in items:
+        f, _, share = item.partition("=")
+        try:
+            shares[int(f)] = float(share)
+        except ValueError:
+            raise SystemExit(f"--budget-shares {item!r}: write FACTOR=SHARE, e.g. 4=0.333") from None
+        if int(f) not in FIRST_STAGES or not 0 < shares[int(f)] <= 1:
+            raise SystemExit(f"--budget-shares {item!r}: the factor must be one of {sorted(FIRST_STAGES)} and the share in (0, 1]")
+    return shares
+
+
 def summarize(arms: list[Arm], budget: float, score: str) -> dict:
     by_f = {arm.f: arm for arm in arms}
     rates = {arm.f: images_per_second(arm) for arm in arms}
@@ -263,7 +281,9 @@ def arm_record(arm: Arm) -> dict:
 def markdown(result: dict, plots: tuple[str, str]) -> str:
     score, arms, summary = result["score"], result["arms"], result["summary"]
     m = result["machine"]
-    lines = [f"Budget {result['budget_tflop']:.3g} TFLOP of training per model (FLOPs counted, not wall time), batch "
+    shares = result.get("budget_shares") or {}
+    shared = "".join(f"; f={f} trains for {share:.3g} of it ({share * result['budget_tflop']:.3g} TFLOP)" for f, share in shares.items())
+    lines = [f"Budget {result['budget_tflop']:.3g} TFLOP of training per model{shared} (FLOPs counted, not wall time), batch "
              f"{arms[0]['batch_size']}, family `{result['family']}`; scores of the EMA on {result['eval_samples']} samples "
              f"(DDIM {result['sampler_steps']} steps, guidance {result['guidance_scale']}); {m['machine']}, torch {m['torch']}, "
              f"{m['threads']} threads, {m['date']}.", "",
@@ -276,7 +296,8 @@ def markdown(result: dict, plots: tuple[str, str]) -> str:
                      f"{d['attention_resolutions']} | {d['parameters'] / 1e6:.2f} M | {a['gflop_per_step']:.1f} | {a['steps']} | "
                      f"{a['train_seconds']:.0f} | {a['train_gflop_per_second']:.0f} | {fs['config']}: {quality} |")
     fractions = sorted({p["target"] for a in arms for p in a["curve"]})
-    lines += ["", f"{score} at fractions of the budget:", "",
+    whose = "each model's own" if shares else "the"
+    lines += ["", f"{score} at fractions of {whose} budget:", "",
               "| f | " + " | ".join(f"{fr:.0%}" for fr in fractions) + " |", "|---|" + "---|" * len(fractions)]
     for a in arms:
         at = {p["target"]: p[score] for p in a["curve"]}
@@ -309,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-tflop", type=float, default=None,
                         help="training FLOPs per model, in TFLOP (default 60, about 1.2x the default f=4 run's 1600 steps of 64; "
                              "quick: 6 steps of the costliest model)")
+    parser.add_argument("--budget-shares", nargs="+", default=[], metavar="F=SHARE",
+                        help="train factor F for SHARE times the budget (e.g. 4=0.333); the others, f=1 always, the whole budget")
     parser.add_argument("--eval-fractions", type=float, nargs="+", default=None,
                         help="fractions of the budget at which the EMA is evaluated (default 0.125 0.25 0.333 0.5 0.75); "
                              "the end is always evaluated")
@@ -337,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
     if quick:
         args.cache_dir = args.cache_dir or images / "cache"
     factors = sorted(set(args.factors))
+    shares = parse_shares(args.budget_shares)
+    if shares.get(1, 1.0) != 1.0:
+        raise SystemExit("--budget-shares: the pixel model (f=1) is the reference and trains for the whole budget")
 
     print("first stages, latent pools and FLOPs per step", flush=True)
     arms = [prepare(f, args, runs / f"f{f}") for f in factors]
@@ -347,12 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
               else (6 * max(a.flops_per_step for a in arms) if quick else 60e12))
     for arm in arms:
         print(f"training f={arm.f}", flush=True)
-        train_arm(arm, budget, fractions, runs / f"f{arm.f}", args.score)
+        train_arm(arm, budget * shares.get(arm.f, 1.0), fractions, runs / f"f{arm.f}", args.score)
     print("sampling throughput", flush=True)
     measure_throughput(arms, samples, repeats)
 
     result = {"score": args.score, "budget_tflop": budget / 1e12, "budget_kind": "training FLOPs (torch.utils.flop_counter)",
-              "family": args.family,
+              "family": args.family, "budget_shares": {str(f): share for f, share in shares.items()},
               "eval_samples": arms[0].curve[-1]["samples"], "eval_fractions": fractions,
               "sampler": arms[0].cfg.sampler.name, "sampler_steps": arms[0].cfg.sampler.steps,
               "guidance_scale": arms[0].cfg.sampler.guidance_scale, "quick": quick, "machine": machine(),
@@ -361,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     plots = (images / f"{NAME}_faithfulness.png", images / f"{NAME}_throughput.png")
     pixel = result["summary"].get("pixel_final")
     line_plot({f"f={a['f']}": [(p["tflop"], p[args.score]) for p in a["curve"]] for a in result["arms"]}, plots[0],
-              title=f"{args.score} of the EMA against training compute (same budget for every f)",
+              title=f"{args.score} of the EMA against training compute ({'budget shares ' + ' '.join(args.budget_shares) if shares else 'same budget for every f'})",
               x_label="training compute, TFLOP", y_label=args.score, x_range=(0.0, 1.02 * budget / 1e12), y_range=(0.0, 1.0),
               reference=("f=1 (pixel space), final", pixel) if pixel is not None else None)
     line_plot({"sampling": [(a["f"], a["sampling"]["images_per_second"]) for a in result["arms"]]}, plots[1],

@@ -4,9 +4,11 @@
 
 For each guidance scale, one set of samples is drawn with compositing off (what the model itself
 makes); the composited images are ``ldmcore_finalize`` of those same samples, so the two rows differ
-by compositing alone. A last row samples the same model with the condition absent (its null
-condition), the baseline "without that condition". Results are printed and appended to ``--out``
-as one JSON line.
+by compositing alone. A row samples the same model with the condition absent (its null
+condition), the baseline "without that condition"; the last row scores the first stage's own
+reconstructions of the original images, decode(encode(image)): the PSNR outside the mask that a
+model decoded through this first stage could reach at best, without compositing. Results are
+printed and appended to ``--out`` as one JSON line.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def main() -> None:
     absent = generate(system, system.model, batch, args.samples, merged.sampler, torch.Generator().manual_seed(merged.seed + 2),
                       present=(), weak_model=system.guide)
     rows["condition_absent"] = score(system, absent, batch)
+    with torch.no_grad():
+        first_stage = system.first_stage
+        reconstructed = first_stage.decode(first_stage.encode(torch.as_tensor(batch["image"])).mode()).clamp(-1, 1)
+    rows["first_stage_reconstruction"] = score(system, reconstructed, batch)
 
     result = {"run": str(args.run_dir), "samples": args.samples, "sampler": merged.sampler.name, "steps": merged.sampler.steps,
               "sample_seconds": seconds, **rows}

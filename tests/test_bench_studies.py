@@ -24,8 +24,8 @@ BENCH = ROOT / "bench"
 
 
 
-def run_quick(name: str, out: Path) -> dict:
-    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out)],
+def run_quick(name: str, out: Path, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     doc = (out / "performance-studies.md").read_text()
@@ -62,7 +62,7 @@ def test_sampler_goal_compares_dpm_at_20_with_ddim_at_250():
 
 
 def test_latent_vs_pixel_quick(tmp_path):
-    result = run_quick("latent_vs_pixel", tmp_path)
+    result = run_quick("latent_vs_pixel", tmp_path, "--budget-shares", "8=0.5")
     arms = {a["f"]: a for a in result["arms"]}
     assert sorted(arms) == [1, 2, 4, 8]
     assert [arms[f]["latent_shape"] for f in (1, 2, 4, 8)] == [[3, 32, 32], [4, 16, 16], [4, 8, 8], [4, 4, 4]]
@@ -73,8 +73,10 @@ def test_latent_vs_pixel_quick(tmp_path):
     params = [arms[f]["denoiser"]["parameters"] for f in (1, 2, 4, 8)]
     assert max(params) / min(params) < 1.1
     budget = result["budget_tflop"]
+    assert result["budget_shares"] == {"8": 0.5}
     for arm in arms.values():
-        assert arm["steps"] * arm["gflop_per_step"] / 1e3 <= budget * (1 + 1e-9)
+        share = 0.5 if arm["f"] == 8 else 1.0  # f=8 trains for half the budget
+        assert arm["steps"] * arm["gflop_per_step"] / 1e3 <= share * budget * (1 + 1e-9)
         assert [p["target"] for p in arm["curve"]] == [0.5, 1.0] and arm["curve"][-1]["step"] == arm["steps"]
         assert all(0.0 <= p["class_accuracy"] <= 1.0 and positive(p["tflop"]) for p in arm["curve"])
         assert positive(arm["train_seconds"]) and positive(arm["sampling"]["images_per_second"])
@@ -84,6 +86,14 @@ def test_latent_vs_pixel_quick(tmp_path):
     assert set(summary["goal"]) >= {"compute_met", "sampling_met"}
     for name in ("latent_vs_pixel_faithfulness.png", "latent_vs_pixel_throughput.png"):
         assert (tmp_path / name).is_file()
+
+
+def test_budget_shares_name_a_factor_and_a_share():
+    parse = load_bench("latent_vs_pixel").parse_shares
+    assert parse(["4=0.333", "8=1"]) == {4: 0.333, 8: 1.0} and parse([]) == {}
+    for bad in ("4", "four=0.5", "3=0.5", "4=0", "4=1.5"):
+        with pytest.raises(SystemExit, match="--budget-shares"):
+            parse([bad])
 
 
 def test_denoiser_rule_gives_the_default_unet_at_f4():

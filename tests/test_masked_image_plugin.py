@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import compose_config
+from conftest import compose_config, load_bench
 from ldmcore.autoencoder import KLAutoencoder
 from ldmcore.conditioning import Conditioner
 from ldmcore.config import validate
@@ -382,3 +382,16 @@ def test_sampling_inpaints_user_files_and_keeps_the_known_region(masked_run, wor
         given = np.asarray(Image.open(values[i]["image"]))
         keep = np.asarray(Image.open(values[i]["mask"])) == 0
         assert np.array_equal(made[keep], given[keep])
+
+
+def test_compositing_bench_scores_the_model_with_and_without_pasting_and_the_first_stage_bound(masked_run, tmp_path, monkeypatch):
+    root, _ = masked_run
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr("sys.argv", ["masked_image_compositing.py", str(root / "run"), "--samples", "4", "--scales", "3",
+                                     "--out", str(out), "sampler.steps=2", f"cache_dir={root / 'cache'}"])
+    load_bench("masked_image_compositing").main()
+    row = json.loads(out.read_text())
+    assert row["samples"] == 4 and row["steps"] == 2
+    assert row["scale_3/composite_on"]["psnr_outside_mask_db"] == 100.0  # pasted back: exact
+    for name in ("scale_3/composite_off", "condition_absent", "first_stage_reconstruction"):
+        assert 0.0 < row[name]["psnr_outside_mask_db"] < 100.0, name  # what the networks make themselves

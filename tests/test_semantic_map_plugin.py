@@ -1,6 +1,7 @@
 """The semantic_map condition: the one-hot map rescaled to the latent by strided convs and
 concatenated, its null and dropout, user maps (index PNG or run-length) with errors naming the
-file, mIoU read back from images, and a model trained at 32 px sampling 64 px images from 64 px maps."""
+file, mIoU read back from images, and a model trained at 32 px sampling 64 px images from 64 px maps
+(from a conditions file, and in bench/convolutional_sampling.py, which scores it)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config
+from conftest import compose_config, load_bench
 from ldmcore.conditioning import Conditioner
 from ldmcore.config import ConfigError
 from ldmcore.data.base import DataInfo, data_info
@@ -51,7 +52,7 @@ def options(**changes):
 
 def encoder_of(semantic_map, info, latent_shape=LATENT, **changes):
     return semantic_map.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=latent_shape,
-                             first_stage=None)
+                             first_stage=None, cache_dir=NO_ROOT)
 
 
 def parse(semantic_map, info, value, root=NO_ROOT):
@@ -134,7 +135,7 @@ def test_dropout_replaces_whole_samples_by_the_null(semantic_map, world, info):
 def test_format_and_parse_round_trip_through_json(semantic_map, world, info):
     batch = world.batch(list(range(8)))
     for i in range(8):
-        value = semantic_map.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info)
+        value = semantic_map.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info, cache_dir=NO_ROOT)
         assert value["size"] == [32, 32] and len(value["runs"]) < 200  # compact: runs, not 1024 ids
         parsed = parse(semantic_map, info, json.loads(json.dumps(value)))
         assert torch.equal(parsed["segmentation"], batch["segmentation"][i])
@@ -279,7 +280,7 @@ def test_a_32_px_model_samples_64_px_images_from_64_px_maps(map_run, tmp_path):
         assert Image.open(tmp_path / "x2" / m["file"]).size == (64, 64)
     # at the training size a 32 px map (run-length form) gives a 32 px image
     run_length = installed().get("semantic_map").call("ldmcore_format_value", batch={"segmentation": [small]}, index=0,
-                                                      options=options(), data=None)
+                                                      options=options(), data=None, cache_dir=NO_ROOT)
     manifest = _sample(root, tmp_path / "x1", [{"semantic_map": run_length}])
     assert Image.open(tmp_path / "x1" / manifest[0]["file"]).size == (32, 32)
 
@@ -311,3 +312,29 @@ def test_a_map_of_the_wrong_size_for_the_scale_is_refused(map_run, tmp_path):
     assert "small.png" in str(error.value) and "64x64" in str(error.value) and ":1" in str(error.value)
     with pytest.raises(ConfigError, match="sample_scale"):
         _sample(root, tmp_path / "zero", [{"semantic_map": str(path)}], "sample_scale=0")
+
+
+def test_tiling_puts_each_scene_in_its_own_quadrant():
+    tile = load_bench("convolutional_sampling").tile
+    maps = torch.arange(8).view(8, 1, 1).expand(8, 2, 2)  # scene k: a 2x2 map of k
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2)
+    tiled = tile({"segmentation": maps, "image": images, "caption": ["a"] * 8}, 2)
+    assert set(tiled) == {"segmentation", "image"}  # nothing spatial to stitch in a caption
+    assert tiled["segmentation"].shape == (2, 4, 4) and tiled["image"].shape == (2, 3, 4, 4)
+    assert tiled["segmentation"][1, ::2, ::2].tolist() == [[4, 5], [6, 7]]  # row by row
+    assert tiled["image"][0, 2, ::2, ::2].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+def test_convolutional_sampling_bench_scores_every_size(map_run, tmp_path, monkeypatch):
+    root, _ = map_run
+    bench = load_bench("convolutional_sampling")
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr("sys.argv", ["convolutional_sampling.py", str(root / "run"), "--samples", "2", "--out", str(out),
+                                     "--images", str(tmp_path), "sampler.steps=2", f"cache_dir={root / 'cache'}"])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["scale"] == 2 and result["resolution"] == 32
+    for kind, size in (("training_size", 32), ("tiled", 64), ("scaled", 64)):
+        assert result[kind]["size"] == size and 0.0 <= result[kind]["miou"] <= 1.0
+        grid = Image.open(tmp_path / f"semantic_map_x{1 if kind == 'training_size' else 2}_{kind}.png")
+        assert grid.size[1] > size  # the maps and the samples, at 2x
