@@ -88,6 +88,25 @@ def test_latent_vs_pixel_quick(tmp_path):
         assert (tmp_path / name).is_file()
 
 
+def test_latent_vs_pixel_sampling_quick(tmp_path):
+    out = tmp_path / "sampling.json"
+    done = subprocess.run([sys.executable, str(BENCH / "latent_vs_pixel_sampling.py"), "--quick", "--threads", "1",
+                           "--factors", "1", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["family"] == "same_base" and result["weights"] == "initial (untrained)"
+    rows = {r["f"]: r for r in result["rows"]}
+    assert sorted(rows) == [1, 4] and rows[1]["speedup_over_f1"] == 1.0
+    # One UNet design at every f: the pixel model runs it at 4x4 the positions, so it costs more per image.
+    assert rows[1]["model_channels"] == rows[4]["model_channels"]
+    assert rows[1]["gflop_per_image"] > 4 * rows[4]["gflop_per_image"]
+    for r in rows.values():
+        assert positive(r["images_per_second"]) and len(r["seconds"]) == 1
+    goal = result["sampling_goal"]
+    assert goal["factor"] == 4 and goal["met"] == (goal["speedup"] >= 3.0)
+
+
 def test_budget_shares_name_a_factor_and_a_share():
     parse = load_bench("latent_vs_pixel").parse_shares
     assert parse(["4=0.333", "8=1"]) == {4: 0.333, 8: 1.0} and parse([]) == {}
