@@ -94,7 +94,7 @@ def main() -> None:
         result[kind] = {"size": small_data.resolution * factor, "sample_seconds": round(seconds, 1),
                         **score(system, images, batch)}
         shown = min(n, 12)
-        pictures = [p[:shown] for p in condition_pictures(system, {k: v[:shown] for k, v in batch.items()})]
+        pictures = condition_pictures(system, {k: v[:shown] for k, v in batch.items()})  # each (shown, 3, H, W)
         tiles = torch.stack([*pictures, images[:shown]], dim=1).flatten(0, 1)
         args.images.mkdir(parents=True, exist_ok=True)
         save_grid(tiles, args.images / f"{name}_x{factor}_{kind}.png", columns=4 * (1 + len(pictures)))
