@@ -21,9 +21,14 @@ autoencoders ``kl_f2`` / ``kl_f4`` / ``kl_f8``. Denoisers (``unet_overrides``), 
 ``equal_params`` (the default): the UNet runs from the latent's resolution down to 4x4, with the
 width that the default f=4 UNet has at each resolution (32x32: 16 channels, 16x16: 32, 8x8: 64,
 4x4: 128) and one SpatialTransformer at 4x4; every f then has ~4.1 M parameters (the paper keeps
-the parameter count fixed too) and f=1 costs 1.7x the FLOPs of f=4 per step. Family ``same_base``:
-64 channels at the latent's resolution for every f (the default UNet with levels added), which
-makes f=1 7.8x as expensive per step as f=4.
+the parameter count fixed too) and f=1 costs 1.7x the FLOPs of f=4 per step; the pixel model is thin
+(16 channels) where it works at full resolution. Family ``full_width``: the f=4 UNet (64 channels
+at 8x8, 128 at 4x4) with 64-channel levels added above 8x8, so every f works at 64 channels at its
+latent's resolution and the parameter count grows only by those levels (f=1: 5.0 M, f=4: 4.1 M) -- the
+paper's choice of one width at the diffusion resolution for every f at a near-equal parameter
+count (its Sec. 4.1 models are 391-396 M). Family ``same_base``: 64 channels at the latent's
+resolution for every f and 128 below (the default UNet with levels added), which makes f=1 7.8x as
+expensive per step as f=4.
 
 Measured per f: the EMA's scores (``task=eval``'s evaluation: class accuracy read back by the exact
 reader) at fractions of the budget and at its end, and sampling throughput with the default sampler
@@ -64,6 +69,7 @@ from ldmcore.visualize import line_plot  # noqa: E402
 NAME = "latent_vs_pixel"
 FIRST_STAGES = {1: "identity", 2: "kl_f2", 4: "kl_f4", 8: "kl_f8", 16: "kl_f16"}
 BOTTOM = 4  # every denoiser's deepest level is 4x4 (where the default f=4 UNet attends)
+FAMILIES = ("equal_params", "full_width", "same_base")  # denoiser families, see unet_overrides
 GOAL_FACTOR, GOAL_RATIO = 4, 3.0  # f=4 reaches the pixel model's final score with >= 3x less compute, samples >= 3x faster
 # Quick mode: tiny first stages and 1/4 of the widths, so each model trains a few steps in a second.
 QUICK_FIRST_STAGE = ["autoencoder.model.base_channels=8", "autoencoder.model.decoder_res_blocks=1",
@@ -82,12 +88,15 @@ def unet_overrides(f: int, resolution: int, family: str, width_divisor: int = 1)
     if family == "equal_params":  # the default f=4 UNet's width at each resolution: 64 channels at 8x8, x2 per halving
         widths = [64 * 8 // (latent >> level) for level in range(levels)]
         attention = [2 ** (levels - 1)]
+    elif family == "full_width":  # the default f=4 UNet (64 at 8x8, 128 at 4x4) with 64-channel levels added above
+        widths = [64] * (levels - 1) + [128]
+        attention = [2 ** (levels - 1)]
     elif family == "same_base":  # 64 channels at the latent's resolution, as the default, and levels added
         levels = max(levels, 2)
         widths = [64] + [128] * (levels - 1)
         attention = [2 ** k for k in range(levels) if latent >> k <= BOTTOM]
     else:
-        raise SystemExit(f"--family {family!r}: choose equal_params or same_base")
+        raise SystemExit(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
     base = widths[0] // width_divisor
     mult = [w // widths[0] for w in widths]
     return [f"denoiser.model_channels={base}", f"denoiser.channel_mult=[{','.join(map(str, mult))}]",
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-fractions", type=float, nargs="+", default=None,
                         help="fractions of the budget at which the EMA is evaluated (default 0.125 0.25 0.333 0.5 0.75); "
                              "the end is always evaluated")
-    parser.add_argument("--family", default="equal_params", choices=["equal_params", "same_base"])
+    parser.add_argument("--family", default="equal_params", choices=FAMILIES)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 128; quick 8)")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 180; quick 18)")
     parser.add_argument("--throughput-samples", type=int, default=None, help="images per timed sampling (default 90; quick 18)")

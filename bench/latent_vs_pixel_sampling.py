@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latent_vs_pixel import GOAL_FACTOR, GOAL_RATIO, images_per_second, measure_throughput, prepare  # noqa: E402
+from latent_vs_pixel import FAMILIES, GOAL_FACTOR, GOAL_RATIO, images_per_second, measure_throughput, prepare  # noqa: E402
 from study_common import machine, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--family", default="same_base", choices=["equal_params", "same_base"])
+    parser.add_argument("--family", default="same_base", choices=FAMILIES)
     parser.add_argument("--samples", type=int, default=None, help="images per timed sampling (default 90; quick 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per f (default 3; quick 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that the script works")

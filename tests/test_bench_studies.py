@@ -120,7 +120,10 @@ def test_denoiser_rule_gives_the_default_unet_at_f4():
     default = OmegaConf.load(ROOT / "conf" / "denoiser" / "unet.yaml")
     expected = [f"denoiser.model_channels={default.model_channels}", "denoiser.channel_mult=[1,2]",
                 "denoiser.attention_resolutions=[2]"]
-    assert rule(4, 32, "equal_params") == expected == rule(4, 32, "same_base")
+    assert rule(4, 32, "equal_params") == expected == rule(4, 32, "same_base") == rule(4, 32, "full_width")
+    assert rule(8, 32, "full_width") == rule(8, 32, "equal_params")  # one 128-channel level at 4x4
+    assert rule(1, 32, "full_width") == [f"denoiser.model_channels={default.model_channels}",
+                                         "denoiser.channel_mult=[1,1,1,2]", "denoiser.attention_resolutions=[8]"]
     assert rule(1, 32, "equal_params") == ["denoiser.model_channels=16", "denoiser.channel_mult=[1,2,4,8]",
                                            "denoiser.attention_resolutions=[8]"]
     assert rule(1, 32, "same_base")[1:] == ["denoiser.channel_mult=[1,2,2,2]", "denoiser.attention_resolutions=[8]"]

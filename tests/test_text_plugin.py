@@ -44,7 +44,9 @@ def options(**changes):
 
 
 def build(text, info, cache_dir=None, **changes):
-    return text.call("ldmcore_build_encoder", options=options(**changes), data=info, cache_dir=cache_dir)
+    # text reads neither the latent's shape nor the first stage: the hookspec's arguments, given as None
+    return text.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=None, first_stage=None,
+                     cache_dir=cache_dir)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -226,13 +228,14 @@ def test_pretrained_path_that_is_not_a_model_is_named(text, info, tmp_path):
 @pytest.mark.parametrize("value", ["", "   ", 3, None, ["a red circle"], {"caption": "a red circle"}])
 def test_parse_refuses_what_is_not_a_caption(text, info, value):
     with pytest.raises(ValueError, match="non-empty caption"):
-        text.call("ldmcore_parse_value", value=value, options=options(), data=info)
+        text.call("ldmcore_parse_value", value=value, options=options(), data=info, root=None)
 
 
 def test_parse_and_format(text, world, info):
-    assert text.call("ldmcore_parse_value", value="a red circle", options=options(), data=info) == {"caption": "a red circle"}
+    parsed = text.call("ldmcore_parse_value", value="a red circle", options=options(), data=info, root=None)
+    assert parsed == {"caption": "a red circle"}
     batch = world.batch([3, 4])
-    assert text.call("ldmcore_format_value", batch=batch, index=1, options=options(), data=info) == batch["caption"][1]
+    assert text.call("ldmcore_format_value", batch=batch, index=1, options=options(), data=info, cache_dir=None) == batch["caption"][1]
 
 
 def test_caption_accuracy_of_true_and_of_swapped_captions(text, world, info):
