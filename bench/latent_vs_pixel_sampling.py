@@ -1,16 +1,16 @@
 """Sampling cost of the latent-vs-pixel study's denoisers, without training them (issue 5).
 
-    python bench/latent_vs_pixel_sampling.py [--family same_base] [--factors 1 2 4 8]
+    python bench/latent_vs_pixel_sampling.py [--family full_width] [--factors 1 2 4 8]
     python bench/latent_vs_pixel_sampling.py --quick      # tiny models: a smoke check in seconds
 
 Sampling speed depends on the networks' shapes, not on their weights, so each factor's model is
 built exactly as ``bench/latent_vs_pixel.py`` builds it (same first stage, same UNet rule of
 ``--family``) and sampled at its initial weights: DDIM 50 steps with classifier-free guidance,
 decode included, the same conditions for every f; images/s from the median of interleaved repeats,
-and FLOPs per image counted. This answers the sampling half of the study's goal for a family whose
-models were not trained (``same_base``: one UNet design, 64 channels at the latent's resolution for
-every f, as the paper runs one design at every f), at a few minutes of CPU instead of the training
-runs. Writes bench/results/latent_vs_pixel_sampling_FAMILY.json and prints a table.
+and FLOPs per image counted. This answers the sampling half of the study's goal for a family at a
+few minutes of CPU instead of the training runs (default ``full_width``: the f=4 UNet with
+64-channel levels added above 8x8, so every f works at 64 channels at its latent's resolution).
+Writes bench/results/latent_vs_pixel_sampling_FAMILY.json and prints a table.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--family", default="same_base", choices=FAMILIES)
+    parser.add_argument("--family", default="full_width", choices=FAMILIES)
     parser.add_argument("--samples", type=int, default=None, help="images per timed sampling (default 90; quick 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per f (default 3; quick 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks that the script works")

@@ -95,7 +95,7 @@ def test_latent_vs_pixel_sampling_quick(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["family"] == "same_base" and result["weights"] == "initial (untrained)"
+    assert result["family"] == "full_width" and result["weights"] == "initial (untrained)"
     rows = {r["f"]: r for r in result["rows"]}
     assert sorted(rows) == [1, 4] and rows[1]["speedup_over_f1"] == 1.0
     # One UNet design at every f: the pixel model runs it at 4x4 the positions, so it costs more per image.
