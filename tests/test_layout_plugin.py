@@ -20,6 +20,10 @@ from ldmcore_plugins.layout.tokens import LayoutVocabulary
 LATENT = (8, 8)
 
 
+# layout reads neither the latent's shape, the first stage nor a cache: the hookspec's arguments as None
+NO_CONTEXT = {"latent_shape": None, "first_stage": None, "cache_dir": None}
+
+
 @pytest.fixture(scope="module")
 def world():
     return ShapesWorld(resolution=32, kind="multi", size=64, seed=7)
@@ -43,7 +47,7 @@ def options(**changes):
 
 
 def parse(layout, info, value, **changes):
-    return layout.call("ldmcore_parse_value", value=value, options=options(**changes), data=info)
+    return layout.call("ldmcore_parse_value", value=value, options=options(**changes), data=info, root=None)
 
 
 def test_tokens_of_one_object():
@@ -70,9 +74,9 @@ def test_corner_features_encode_position_smoothly():
 def test_corner_features_change_the_encoding(layout, world, info):
     batch = world.batch([0, 1])
     torch.manual_seed(0)
-    plain = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=0), data=info)
+    plain = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=0), data=info, **NO_CONTEXT)
     torch.manual_seed(0)
-    fourier = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=4), data=info)
+    fourier = layout.call("ldmcore_build_encoder", options=options(corner_frequencies=4), data=info, **NO_CONTEXT)
     assert fourier.corner_projection is not None and plain.corner_projection is None
     assert "corner_table" not in fourier.state_dict()  # rebuilt from the vocabulary, not saved
     assert not torch.allclose(plain(batch)["crossattn"], fourier(batch)["crossattn"])
@@ -82,7 +86,7 @@ def test_class_embedding_names_the_class_in_every_token_of_its_object(layout, in
     box = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.6, 0.5, 0.9, 0.8]])
     batch = {"boxes": [box, box], "box_labels": [torch.tensor([2, 5]), torch.tensor([7, 5])]}  # first object's label differs
     torch.manual_seed(0)
-    encoder = layout.call("ldmcore_build_encoder", options=options(class_embedding=True), data=info)
+    encoder = layout.call("ldmcore_build_encoder", options=options(class_embedding=True), data=info, **NO_CONTEXT)
     assert encoder.class_embedding is not None and "class_embedding.weight" in encoder.state_dict()
     tokens = encoder.vocabulary.encode_batch(batch["boxes"], batch["box_labels"])
     added = encoder.object_classes(tokens)  # (2, 10, D)
@@ -94,7 +98,7 @@ def test_class_embedding_names_the_class_in_every_token_of_its_object(layout, in
     assert not added[:, 0].any() and not added[:, 7:].any()  # start and padding get none
     out = encoder(batch)["crossattn"]
     assert not torch.allclose(out[0, 2], out[1, 2])  # a corner token now differs with its object's label
-    plain = layout.call("ldmcore_build_encoder", options=options(class_embedding=False), data=info)
+    plain = layout.call("ldmcore_build_encoder", options=options(class_embedding=False), data=info, **NO_CONTEXT)
     assert plain.class_embedding is None and plain(batch)["crossattn"].shape == out.shape
 
 
@@ -134,14 +138,14 @@ def test_parse_and_format_are_inverse_with_short_numbers(layout, info):
     value = [{"label": "red circle", "box": [0.1, 0.1, 0.4, 0.4]}, {"label": 8, "box": [0.5, 0.55, 0.9, 0.95]}]
     parsed = parse(layout, info, value)
     assert parsed["boxes"].shape == (2, 4) and parsed["box_labels"].tolist() == [0, 8]
-    formatted = layout.call("ldmcore_format_value", batch={k: [v] for k, v in parsed.items()}, index=0, options=options(), data=info)
+    formatted = layout.call("ldmcore_format_value", batch={k: [v] for k, v in parsed.items()}, index=0, options=options(), data=info, cache_dir=None)
     assert json.dumps(formatted) == json.dumps([{"label": "red circle", "box": [0.1, 0.1, 0.4, 0.4]},
                                                 {"label": "blue square", "box": [0.5, 0.55, 0.9, 0.95]}])
     assert parse(layout, info, [])["boxes"].shape == (0, 4)  # an empty layout: a plain background
 
 
 def test_encoder_tokens_null_and_limits(layout, world, info):
-    encoder = layout.call("ldmcore_build_encoder", options=options(), data=info)
+    encoder = layout.call("ldmcore_build_encoder", options=options(), data=info, **NO_CONTEXT)
     assert encoder.outputs == {"crossattn": (10, 32)}
     batch = world.batch([0, 1, 2, 3])
     out = encoder(batch)["crossattn"]
@@ -155,7 +159,7 @@ def test_encoder_tokens_null_and_limits(layout, world, info):
     too_many = {"boxes": [torch.rand(4, 4)], "box_labels": [torch.zeros(4, dtype=torch.int64)]}
     with pytest.raises(ValueError, match="max_objects"):
         encoder(too_many)
-    zeros = layout.call("ldmcore_build_encoder", options=options(null_condition="zeros"), data=info)
+    zeros = layout.call("ldmcore_build_encoder", options=options(null_condition="zeros"), data=info, **NO_CONTEXT)
     assert not zeros.null(2, LATENT, torch.device("cpu"))["crossattn"].any()
 
 
@@ -174,18 +178,18 @@ def test_box_recall_of_true_and_of_moved_boxes(layout, world, info):
 def test_unlabelled_layouts_say_where_not_what(layout, info):
     box = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.6, 0.5, 0.9, 0.8]])
     batch = {"boxes": [box, box], "box_labels": [torch.tensor([2, 5]), torch.tensor([7, 1])]}
-    encoder = layout.call("ldmcore_build_encoder", options=options(labels=False), data=info)
+    encoder = layout.call("ldmcore_build_encoder", options=options(labels=False), data=info, **NO_CONTEXT)
     assert encoder.vocabulary.num_classes == 1 and encoder.class_embedding.num_embeddings == 1
     out = encoder(batch)["crossattn"]
     torch.testing.assert_close(out[0], out[1])  # the labels are not read
-    labelled = layout.call("ldmcore_build_encoder", options=options(labels=True), data=info)
+    labelled = layout.call("ldmcore_build_encoder", options=options(labels=True), data=info, **NO_CONTEXT)
     assert labelled.vocabulary.num_classes == len(info.class_names)
     # a conditions file may leave out the label (or give one, kept for scoring) ...
     parsed = parse(layout, info, [{"box": [0.1, 0.1, 0.4, 0.4]}, {"label": "blue square", "box": [0.5, 0.5, 0.9, 0.9]}],
                    labels=False)
     assert parsed["box_labels"].tolist() == [-1, 8]
     formatted = layout.call("ldmcore_format_value", batch={k: [v] for k, v in parsed.items()}, index=0,
-                            options=options(labels=False), data=info)
+                            options=options(labels=False), data=info, cache_dir=None)
     assert formatted == [{"box": [0.1, 0.1, 0.4, 0.4]}, {"label": "blue square", "box": [0.5, 0.5, 0.9, 0.9]}]
     assert torch.isfinite(encoder({k: [v] for k, v in parsed.items()})["crossattn"]).all()
     # ... which a labelled model still requires, naming the field

@@ -50,7 +50,7 @@ def options(**changes):
 
 def encoder_of(low_res, info, latent_shape=(4, 8, 8), **changes):
     return low_res.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=latent_shape,
-                        first_stage=None)
+                        first_stage=None, cache_dir=None)
 
 
 def parse(low_res, info, value, root=NO_ROOT):
@@ -149,7 +149,7 @@ def test_format_and_parse_round_trip_exactly(low_res, resolution):
     world = ShapesWorld(resolution=resolution, kind="multi", size=8, seed=4)
     info, batch = data_info(world), world.batch(list(range(4)))
     for i in range(4):
-        value = low_res.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info)
+        value = low_res.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info, cache_dir=None)
         parsed = parse(low_res, info, json.loads(json.dumps(value)))
         assert torch.equal(parsed["low_res"], batch["low_res"][i])
 

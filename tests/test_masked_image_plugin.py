@@ -69,7 +69,7 @@ def first_stage(seed: int = 0, scale_factor: float = 1.0) -> KLAutoencoder:
 
 def build_encoder(masked, info, stage, **changes):
     return masked.call("ldmcore_build_encoder", options=options(**changes), data=info, latent_shape=(3, *LATENT),
-                       first_stage=stage)
+                       first_stage=stage, cache_dir=None)
 
 
 def expected_concat(stage, image, mask):
