@@ -3,6 +3,7 @@ models with f = 1 (pixel space), 2, 4 and 8, each trained for the same budget of
 
     python bench/latent_vs_pixel.py [--budget-tflop 60] [--factors 1 2 4 8]
     python bench/latent_vs_pixel.py --factors 1 4 --budget-tflop 240 --budget-shares 4=0.333
+    python bench/latent_vs_pixel.py --family full_width --factors 1 4 --budget-tflop 600 --budget-shares 4=0.1333
     python bench/latent_vs_pixel.py --quick            # tiny models: a smoke check in seconds
 
 The budget is training FLOPs, counted with ``torch.utils.flop_counter`` on one training step
@@ -24,9 +25,9 @@ width that the default f=4 UNet has at each resolution (32x32: 16 channels, 16x1
 the parameter count fixed too) and f=1 costs 1.7x the FLOPs of f=4 per step; the pixel model is thin
 (16 channels) where it works at full resolution. Family ``full_width``: the f=4 UNet (64 channels
 at 8x8, 128 at 4x4) with 64-channel levels added above 8x8, so every f works at 64 channels at its
-latent's resolution and the parameter count grows only by those levels (f=1: 5.0 M, f=4: 4.1 M) -- the
-paper's choice of one width at the diffusion resolution for every f at a near-equal parameter
-count (its Sec. 4.1 models are 391-396 M). Family ``same_base``: 64 channels at the latent's
+latent's resolution and the parameter count grows only by those levels (f=1: 5.0 M, f=4: 4.1 M) --
+as we read the paper's appendix, its Sec. 4.1 models likewise keep a wide first level at every f
+at near-equal parameter counts (391-396 M). Family ``same_base``: 64 channels at the latent's
 resolution for every f and 128 below (the default UNet with levels added), which makes f=1 7.8x as
 expensive per step as f=4.
 

@@ -247,7 +247,7 @@ def test_parse_reads_an_image_file_and_a_caption(plugin, world, info, tmp_path):
 def test_format_then_parse_gives_the_same_sample(plugin, world, info):
     batch = world.batch([0, 1, 2])
     for i in range(3):
-        value = plugin.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info)
+        value = plugin.call("ldmcore_format_value", batch=batch, index=i, options=options(), data=info, cache_dir=None)
         assert value["text"] == batch["caption"][i] and value["image"].startswith("data:image/png;base64,")
         parsed = parse(plugin, info, json.loads(json.dumps(value)))
         assert torch.equal(parsed["reference_image"], batch["reference_image"][i]) and parsed["caption"] == batch["caption"][i]
