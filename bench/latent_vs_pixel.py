@@ -41,6 +41,7 @@ docs/images/latent_vs_pixel_{faithfulness,throughput}.png and the block of docs/
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -253,20 +254,21 @@ def parse_shares(items: list[str]) -> dict[int, float]:
     return shares
 
 
-def summarize(arms: list[Arm], budget: float, score: str) -> dict:
-    by_f = {arm.f: arm for arm in arms}
-    rates = {arm.f: images_per_second(arm) for arm in arms}
-    summary: dict = {"images_per_second": {str(f): r for f, r in rates.items()}}
+def summarize(records: list[dict], budget_tflop: float, score: str) -> dict:
+    """Compute to reach the pixel model's final score and sampling speed-ups, from the arms' records."""
+    by_f = {r["f"]: r for r in records}
+    rates = {r["f"]: r["sampling"]["images_per_second"] for r in records}
+    summary: dict = {"images_per_second": {str(f): rate for f, rate in rates.items()}}
     if 1 in by_f:
-        target = by_f[1].curve[-1][score]
+        target = by_f[1]["curve"][-1][score]
         summary["pixel_final"] = target
         summary["compute_to_reach_pixel_final"] = {}
-        for arm in arms:
-            hit = first_reaching(arm.curve, score, target)
-            summary["compute_to_reach_pixel_final"][str(arm.f)] = {
+        for r in records:
+            hit = first_reaching(r["curve"], score, target)
+            summary["compute_to_reach_pixel_final"][str(r["f"])] = {
                 "tflop": hit["tflop"] if hit else None, "fraction": hit["fraction"] if hit else None,
-                "compute_ratio": budget / 1e12 / hit["tflop"] if hit else None,  # a lower bound: evaluations are discrete
-                "sampling_speedup": rates[arm.f] / rates[1]}
+                "compute_ratio": budget_tflop / hit["tflop"] if hit else None,  # a lower bound: evaluations are discrete
+                "sampling_speedup": rates[r["f"]] / rates[1]}
         if GOAL_FACTOR in by_f:
             mine = summary["compute_to_reach_pixel_final"][str(GOAL_FACTOR)]
             summary["goal"] = {"factor": GOAL_FACTOR, "required_ratio": GOAL_RATIO,
@@ -288,6 +290,17 @@ def arm_record(arm: Arm) -> dict:
                                              "seconds": arm.sample_seconds, "images_per_second": images_per_second(arm)}}
 
 
+def merged_runs(result: dict) -> list[str]:
+    """The doc's lines naming the runs a merged result comes from (none for a single run)."""
+    runs = result.get("merged_from")
+    if not runs:
+        return []
+    listed = "; ".join(f"f={', '.join(map(str, r['factors']))}: `{r['command'] or r['file']}` ({r['date']})" for r in runs)
+    return [f"Merged (`--merge`) from {len(runs)} runs with the same settings — {listed}. Each arm was trained and timed "
+            "in its own run, so sampling speeds across runs were not measured side by side "
+            "(`bench/latent_vs_pixel_sampling.py` times every f in one process).", ""]
+
+
 def markdown(result: dict, plots: tuple[str, str]) -> str:
     score, arms, summary = result["score"], result["arms"], result["summary"]
     m = result["machine"]
@@ -297,6 +310,7 @@ def markdown(result: dict, plots: tuple[str, str]) -> str:
              f"{arms[0]['batch_size']}, family `{result['family']}`; scores of the EMA on {result['eval_samples']} samples "
              f"(DDIM {result['sampler_steps']} steps, guidance {result['guidance_scale']}); {m['machine']}, torch {m['torch']}, "
              f"{m['threads']} threads, {m['date']}.", "",
+             *merged_runs(result),
              "| f | latent | UNet (channels x mult, attention at) | params | GFLOP / step | steps | train s | GFLOP/s "
              "| first stage (PSNR, read-back) |", "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
@@ -355,11 +369,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=None, help="first-stage cache (default the run config's; quick: under --out)")
     parser.add_argument("--runs", type=Path, default=None,
                         help="RUNS/fN: one run folder per f, replaced by each run (default /tmp/ldmcore_bench/latent_vs_pixel)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="train nothing: merge the results of earlier runs (same settings, each f once) into one "
+                             "JSON, plots and doc block")
     add_output_options(parser, NAME)
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     json_path, images, doc = output_paths(args, NAME)
+    if args.merge:
+        result = merge(args.merge)
+        write_outputs(result, json_path, images, doc)
+        return result
     quick = args.quick
     args.batch_size = args.batch_size or (8 if quick else 128)
     args.eval_samples = args.eval_samples or (18 if quick else 180)
@@ -387,18 +408,70 @@ def main(argv: list[str] | None = None) -> dict:
     print("sampling throughput", flush=True)
     measure_throughput(arms, samples, repeats)
 
+    records = [arm_record(arm) for arm in arms]
     result = {"score": args.score, "budget_tflop": budget / 1e12, "budget_kind": "training FLOPs (torch.utils.flop_counter)",
               "family": args.family, "budget_shares": {str(f): share for f, share in shares.items()},
               "eval_samples": arms[0].curve[-1]["samples"], "eval_fractions": fractions,
               "sampler": arms[0].cfg.sampler.name, "sampler_steps": arms[0].cfg.sampler.steps,
               "guidance_scale": arms[0].cfg.sampler.guidance_scale, "quick": quick, "machine": machine(),
-              "arms": [arm_record(arm) for arm in arms], "summary": summarize(arms, budget, args.score)}
+              "command": " ".join(["python", "bench/latent_vs_pixel.py", *(sys.argv[1:] if argv is None else argv)]),
+              "arms": records, "summary": summarize(records, budget / 1e12, args.score)}
+    write_outputs(result, json_path, images, doc)
+    return result
+
+
+# Settings that must agree for arms of different runs to share one table and one plot.
+SAME_IN_MERGED_RUNS = ("family", "budget_tflop", "score", "eval_samples", "eval_fractions", "sampler", "sampler_steps",
+                       "guidance_scale", "quick")
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from the results of several runs of this script (e.g. f=1 and f=4 in one run,
+    f=2 and f=8 in a later one): the same settings, each factor once. Each arm keeps its run's
+    measurements; ``merged_from`` names the runs. Sampling speeds of arms from different runs were
+    timed in different processes (bench/latent_vs_pixel_sampling.py times all f side by side)."""
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"--merge {path}: not a readable result of this script ({error})") from None
+        missing = [key for key in (*SAME_IN_MERGED_RUNS, "arms") if key not in results[-1]]
+        if missing:
+            raise SystemExit(f"--merge {path}: not a result of bench/latent_vs_pixel.py (no {', '.join(missing)})")
+    first = results[0]
+    for path, other in zip(paths[1:], results[1:]):
+        for key in SAME_IN_MERGED_RUNS:
+            if other[key] != first[key]:
+                raise SystemExit(f"--merge: {path} has {key}={other[key]!r}, {paths[0]} {key}={first[key]!r}; "
+                                 "only runs with the same settings can be merged")
+    arms: dict[int, dict] = {}
+    for path, result in zip(paths, results):
+        for record in result["arms"]:
+            if record["f"] in arms:
+                raise SystemExit(f"--merge: f={record['f']} is in {arms[record['f']]['run']['file']} and in {path}; "
+                                 "give each factor once")
+            arms[record["f"]] = {**record, "run": {"file": path.name, "date": result["machine"]["date"]}}
+    records = [arms[f] for f in sorted(arms)]
+    shares = {f: s for result in results for f, s in (result.get("budget_shares") or {}).items()}
+    return {**{key: first[key] for key in SAME_IN_MERGED_RUNS}, "budget_kind": first["budget_kind"],
+            "budget_shares": dict(sorted(shares.items(), key=lambda item: int(item[0]))), "machine": first["machine"],
+            "merged_from": [{"file": path.name, "date": result["machine"]["date"], "factors": [a["f"] for a in result["arms"]],
+                             "command": result.get("command")} for path, result in zip(paths, results)],
+            "arms": records, "summary": summarize(records, first["budget_tflop"], first["score"])}
+
+
+def write_outputs(result: dict, json_path: Path, images: Path, doc: Path) -> None:
+    """The JSON, the two plots and the doc block."""
     write_json(json_path, result)
+    score, budget = result["score"], result["budget_tflop"]
+    shares = result["budget_shares"]
     plots = (images / f"{NAME}_faithfulness.png", images / f"{NAME}_throughput.png")
     pixel = result["summary"].get("pixel_final")
-    line_plot({f"f={a['f']}": [(p["tflop"], p[args.score]) for p in a["curve"]] for a in result["arms"]}, plots[0],
-              title=f"{args.score} of the EMA against training compute ({'budget shares ' + ' '.join(args.budget_shares) if shares else 'same budget for every f'})",
-              x_label="training compute, TFLOP", y_label=args.score, x_range=(0.0, 1.02 * budget / 1e12), y_range=(0.0, 1.0),
+    shared = " ".join(f"{f}={share}" for f, share in shares.items())
+    line_plot({f"f={a['f']}": [(p["tflop"], p[score]) for p in a["curve"]] for a in result["arms"]}, plots[0],
+              title=f"{score} of the EMA against training compute ({'budget shares ' + shared if shares else 'same budget for every f'})",
+              x_label="training compute, TFLOP", y_label=score, x_range=(0.0, 1.02 * budget), y_range=(0.0, 1.0),
               reference=("f=1 (pixel space), final", pixel) if pixel is not None else None)
     line_plot({"sampling": [(a["f"], a["sampling"]["images_per_second"]) for a in result["arms"]]}, plots[1],
               title=f"sampling throughput ({result['sampler']} {result['sampler_steps']} steps, guided, decode included)",
@@ -406,7 +479,6 @@ def main(argv: list[str] | None = None) -> dict:
               y_range=(0.0, 1.1 * max(a["sampling"]["images_per_second"] for a in result["arms"])))
     replace_section(doc, NAME, markdown(result, tuple(relative(p, doc) for p in plots)))
     print(f"wrote {json_path}, {plots[0]}, {plots[1]}, {doc}")
-    return result
 
 
 if __name__ == "__main__":

@@ -86,6 +86,44 @@ def test_latent_vs_pixel_quick(tmp_path):
     assert set(summary["goal"]) >= {"compute_met", "sampling_met"}
     for name in ("latent_vs_pixel_faithfulness.png", "latent_vs_pixel_throughput.png"):
         assert (tmp_path / name).is_file()
+    assert "--budget-shares 8=0.5" in result["command"]
+
+    # --merge: the run split into two (f=1, 4 and f=2, 8) and merged back gives the same arms and summary.
+    halves = []
+    for factors in ((1, 4), (2, 8)):
+        half = {**result, "arms": [arms[f] for f in factors],
+                "budget_shares": {f: s for f, s in result["budget_shares"].items() if int(f) in factors}}
+        halves.append(tmp_path / f"f{factors[0]}{factors[1]}.json")
+        halves[-1].write_text(json.dumps(half))
+    merged_dir = tmp_path / "merged"
+    done = subprocess.run([sys.executable, str(BENCH / "latent_vs_pixel.py"), "--merge", *map(str, halves),
+                           "--out", str(merged_dir), "--doc", str(merged_dir / "doc.md")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads((merged_dir / "latent_vs_pixel.json").read_text())
+    assert [a["f"] for a in merged["arms"]] == [1, 2, 4, 8]
+    assert [{k: v for k, v in a.items() if k != "run"} for a in merged["arms"]] == [arms[f] for f in (1, 2, 4, 8)]
+    assert [a["run"]["file"] for a in merged["arms"]] == ["f14.json", "f28.json", "f14.json", "f28.json"]
+    assert merged["summary"] == result["summary"] and merged["budget_shares"] == {"8": 0.5}
+    assert "Merged (`--merge`) from 2 runs" in (merged_dir / "doc.md").read_text()
+
+
+def test_merge_refuses_runs_with_other_settings_or_a_factor_twice(tmp_path):
+    merge = load_bench("latent_vs_pixel").merge
+    run = {"family": "full_width", "budget_tflop": 600.0, "score": "class_accuracy", "eval_samples": 180,
+           "eval_fractions": [0.5], "sampler": "ddim", "sampler_steps": 50, "guidance_scale": 3.0, "quick": False,
+           "budget_kind": "training FLOPs", "machine": {"date": "2026-12-06 09:00"}, "arms": [{"f": 4}]}
+    first, other = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(run))
+    other.write_text(json.dumps({**run, "budget_tflop": 60.0, "arms": [{"f": 2}]}))
+    with pytest.raises(SystemExit, match=r"b\.json has budget_tflop=60\.0"):
+        merge([first, other])
+    other.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="f=4 is in a.json and in .*b.json"):
+        merge([first, other])
+    other.write_text("{}")
+    with pytest.raises(SystemExit, match="b.json: not a result of bench/latent_vs_pixel.py"):
+        merge([first, other])
 
 
 def test_latent_vs_pixel_sampling_quick(tmp_path):
