@@ -5,6 +5,8 @@ models with f = 1 (pixel space), 2, 4 and 8, each trained for the same budget of
     python bench/latent_vs_pixel.py --factors 1 4 --budget-tflop 240 --budget-shares 4=0.333
     python bench/latent_vs_pixel.py --family full_width --factors 1 4 --budget-tflop 600 --budget-shares 4=0.1333
     python bench/latent_vs_pixel.py --quick            # tiny models: a smoke check in seconds
+    python bench/latent_vs_pixel.py --merge A.json B.json --out DIR   # one table and plot from runs of the same
+                                                                     # settings (e.g. f=1, 4 and later f=2, 8)
 
 The budget is training FLOPs, counted with ``torch.utils.flop_counter`` on one training step
 (forward + backward of the denoiser and its condition encoder; the AdamW update is elementwise and

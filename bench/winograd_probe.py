@@ -12,6 +12,7 @@ inference), interleaved, medians. From the per-layer medians it bounds what the 
 layer would save in one forward, against the whole forward's measured time.
 
     python bench/winograd_probe.py              # writes bench/results/winograd_probe.json
+    python bench/winograd_probe.py --keep-freed-memory --out bench/results/winograd_probe_keep_freed.json
     python bench/winograd_probe.py --quick      # batch 2, 3 rounds: checks that it runs
 
 It is a probe, not a library feature: ldmcore keeps oneDNN's convolutions (docs/performance.md
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_common import machine, write_json  # noqa: E402
+from vs_diffusers import keep_freed_memory  # noqa: E402
 from vs_diffusers_models import ROOT, forward_call, inputs, load, make_weights  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "winograd_probe.json"
@@ -122,11 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: keep freed memory (mallopt), so that fresh temporaries cost no page faults")
     parser.add_argument("--quick", action="store_true", help="batch 2, 3 rounds, output under /tmp")
     parser.add_argument("--out", type=Path, default=None, help=f"the JSON (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.quick:
         args.batch, args.rounds = 2, 3
     out = args.out or (Path("/tmp/ldmcore_quick/winograd_probe.json") if args.quick else RESULTS)
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     direct = sum(r["calls"] * r["seconds"]["direct"] for r in rows)
     best = sum(r["calls"] * min(r["seconds"].values()) for r in rows)
     result = {"machine": machine(), "batch": args.batch, "rounds": args.rounds, "quick": args.quick,
+              "keep_freed_memory": args.keep_freed_memory,
               "forward_seconds": forward_seconds, "conv3x3_seconds_direct": direct, "conv3x3_seconds_best_per_layer": best,
               "conv3x3_share_of_forward": direct / forward_seconds,
               "forward_speedup_bound": forward_seconds / (forward_seconds - (direct - best)), "layers": rows}
