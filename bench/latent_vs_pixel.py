@@ -453,8 +453,13 @@ def merge(paths: list[Path]) -> dict:
             if record["f"] in arms:
                 raise SystemExit(f"--merge: f={record['f']} is in {arms[record['f']]['run']['file']} and in {path}; "
                                  "give each factor once")
-            arms[record["f"]] = {**record, "run": {"file": path.name, "date": result["machine"]["date"]}}
+            # an arm of an already merged result keeps the run it came from
+            arms[record["f"]] = {**record, "run": record.get("run") or {"file": path.name, "date": result["machine"]["date"]}}
     records = [arms[f] for f in sorted(arms)]
+    batches = {r["f"]: r.get("batch_size") for r in records}
+    if len(set(batches.values())) > 1:
+        raise SystemExit(f"--merge: the arms were trained at different batch sizes ({batches}); "
+                         "only runs with the same settings can be merged")
     shares = {f: s for result in results for f, s in (result.get("budget_shares") or {}).items()}
     return {**{key: first[key] for key in SAME_IN_MERGED_RUNS}, "budget_kind": first["budget_kind"],
             "budget_shares": dict(sorted(shares.items(), key=lambda item: int(item[0]))), "machine": first["machine"],

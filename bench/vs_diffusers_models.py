@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import shutil
 import subprocess
@@ -124,10 +125,30 @@ def revert(model: torch.nn.Module, base: types.SimpleNamespace, classes: tuple[s
     for m in model.modules():
         name = type(m).__name__
         if name in classes:
-            m.forward = types.MethodType(base.classes[name].forward, m)
+            m.forward = types.MethodType(older_forward(base.classes[name].forward), m)  # deepcopy rebinds it
             if name == "SpatialTransformer":  # the older forward branched on the layer type
                 m.use_linear = isinstance(m.proj_in, torch.nn.Linear)
     return model
+
+
+def older_forward(forward: Callable) -> Callable:
+    """An older version's (unbound) ``forward``, callable the way today's code calls it: arguments
+    that today's callers pass and the older signature lacks (features added since, e.g. token-region
+    biases) are dropped while they are None, and refused otherwise."""
+    signature = inspect.signature(forward).parameters
+    parameters = list(signature)[1:]  # without self
+    takes_any = any(signature[p].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters)
+
+    def call(module, *args, **kwargs):
+        if not takes_any:
+            extra = [*args[len(parameters):], *(v for k, v in kwargs.items() if k not in parameters)]
+            if any(value is not None for value in extra):
+                raise TypeError(f"{type(module).__name__}: the baseline's forward{tuple(parameters)} cannot take an "
+                                "argument that today's code passed (a feature added since); time the ablation without it")
+            args, kwargs = args[: len(parameters)], {k: v for k, v in kwargs.items() if k in parameters}
+        return forward(module, *args, **kwargs)
+
+    return call
 
 
 # ----- parity and sampling runs -------------------------------------------------------------------

@@ -121,6 +121,10 @@ def test_merge_refuses_runs_with_other_settings_or_a_factor_twice(tmp_path):
     other.write_text(json.dumps(run))
     with pytest.raises(SystemExit, match="f=4 is in a.json and in .*b.json"):
         merge([first, other])
+    other.write_text(json.dumps({**run, "arms": [{"f": 2, "batch_size": 64}]}))
+    first.write_text(json.dumps({**run, "arms": [{"f": 4, "batch_size": 128}]}))
+    with pytest.raises(SystemExit, match="different batch sizes"):
+        merge([first, other])
     other.write_text("{}")
     with pytest.raises(SystemExit, match="b.json: not a result of bench/latent_vs_pixel.py"):
         merge([first, other])
