@@ -25,7 +25,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_common import machine, write_json  # noqa: E402
-from vs_diffusers import keep_freed_memory  # noqa: E402
+from vs_diffusers import interleaved, keep_freed_memory  # noqa: E402
 from vs_diffusers_models import ROOT, forward_call, inputs, load, make_weights  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "winograd_probe.json"
@@ -86,10 +85,10 @@ class WinogradConv3x3:
 
 def conv_shapes(unet: torch.nn.Module, call) -> Counter:
     """(in, out, height, width) -> number of calls per forward, for every 3x3 stride-1 convolution."""
-    seen: Counter = Counter()
+    shapes: Counter = Counter()
 
     def record(module, args, output):
-        seen[(module.in_channels, module.out_channels, *args[0].shape[-2:]), module] += 1
+        shapes[(module.in_channels, module.out_channels, *args[0].shape[-2:])] += 1
 
     hooks = [m.register_forward_hook(record) for m in unet.modules()
              if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)]
@@ -97,25 +96,13 @@ def conv_shapes(unet: torch.nn.Module, call) -> Counter:
         call()
     for hook in hooks:
         hook.remove()
-    shapes: Counter = Counter()
-    for (shape, _), calls in seen.items():
-        shapes[shape] += calls
     return shapes
 
 
-def interleaved_medians(cases: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per case; every case once per round, the order reversed every other round."""
-    names = list(cases)
+def medians(cases: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per case, in inference mode, interleaved as bench/vs_diffusers.py times."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                cases[name]()
-        times = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                start = time.perf_counter()
-                cases[name]()
-                times[name].append(time.perf_counter() - start)
+        times, _ = interleaved(cases, rounds, torch.device("cpu"))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -143,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, t, context = inputs(args.batch, torch.device("cpu"), torch.float32)
     forward = forward_call("ldmcore", unet, x, t, context)
     shapes = conv_shapes(unet, forward)
-    forward_seconds = interleaved_medians({"forward": forward}, args.rounds)["forward"]
+    forward_seconds = medians({"forward": forward}, args.rounds)["forward"]
 
     rows = []
     for (c_in, c_out, h, w), calls in sorted(shapes.items(), key=lambda item: (-item[0][2], item[0][:2])):
@@ -154,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             reference = conv(sample)
             errors = {name: ((fn(sample) - reference).abs().max() / reference.abs().max()).item()
                       for name, fn in variants.items() if name != "direct"}
-        seconds = interleaved_medians({name: (lambda fn=fn: fn(sample)) for name, fn in variants.items()}, args.rounds)
+        seconds = medians({name: (lambda fn=fn: fn(sample)) for name, fn in variants.items()}, args.rounds)
         best = min(seconds, key=seconds.get)
         rows.append({"in": c_in, "out": c_out, "height": h, "width": w, "calls": calls,
                      "gflop": 2 * args.batch * h * w * c_in * c_out * 9 / 1e9, "seconds": seconds, "best": best,
