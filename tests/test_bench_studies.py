@@ -109,7 +109,7 @@ def test_latent_vs_pixel_quick(tmp_path):
 
 
 def test_merge_refuses_runs_with_other_settings_or_a_factor_twice(tmp_path):
-    merge = load_bench("latent_vs_pixel").merge
+    merge = load_bench("latent_vs_pixel_report").merge
     run = {"family": "full_width", "budget_tflop": 600.0, "score": "class_accuracy", "eval_samples": 180,
            "eval_fractions": [0.5], "sampler": "ddim", "sampler_steps": 50, "guidance_scale": 3.0, "quick": False,
            "budget_kind": "training FLOPs", "machine": {"date": "2026-12-06 09:00"}, "arms": [{"f": 4}]}
